@@ -1,0 +1,91 @@
+"""The command line. Heavy libraries are imported inside commands so `toolkit --help` answers at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Recipe-driven chain: fine-tune -> compress -> ONNX -> evaluate -> select -> serve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    if not console.is_terminal:  # logs and CI: wide enough that the figures table is not truncated
+        console = Console(highlight=False, width=200)
+    return console
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _load(recipe_path: Path):
+    from toolkit.recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe_path)
+    except RecipeError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def validate(recipe: RecipeArg) -> None:
+    """Check a recipe (keys, values, files, model) without running anything."""
+    parsed = _load(recipe)
+    stages = " -> ".join(f"{s.name}" + ("" if s.enabled else " (disabled)") for s in parsed.stages)
+    typer.echo(f"{recipe}: valid recipe {parsed.name!r}")
+    typer.echo(f"  model: {parsed.model.name} (max_length {parsed.model.max_length})")
+    typer.echo(f"  data: {parsed.data.format} {parsed.data.path or parsed.data.train}")
+    typer.echo(f"  stages: {stages}")
+    typer.echo(f"  run folder: {parsed.run_dir}")
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Run only this stage (repeatable).")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Run this stage and every one after it.")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore earlier results in the run folder.")] = False,
+) -> None:
+    """Run a recipe; stages whose inputs and options are unchanged since the last run are skipped."""
+    parsed = _load(recipe)
+    from toolkit.data import DataError
+    from toolkit.pipeline import PlanError, StageError, run_recipe
+    from toolkit.report import terminal_table
+    from toolkit.sources import SourceError
+
+    console = _console()
+    try:
+        manifest = run_recipe(parsed, only=only, from_=from_, fresh=fresh, console=console)
+    except (DataError, PlanError, SourceError) as exc:
+        _fail(f"error: {exc}")
+    except StageError as exc:
+        _fail(f"error: {exc}\n(details in {parsed.run_dir / 'manifest.json'})")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        console.print(terminal_table(manifest))
+        console.print(f"run folder: {parsed.run_dir}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder (holds manifest.json).")]) -> None:
+    """Print the figures of an earlier run."""
+    from toolkit.manifest import MANIFEST, Manifest
+    from toolkit.report import terminal_table
+
+    if not (run_dir / MANIFEST).is_file():
+        _fail(f"error: {run_dir} has no {MANIFEST}; pass the run folder of a `toolkit run`")
+    _console().print(terminal_table(Manifest.load(run_dir)))

