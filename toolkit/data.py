@@ -54,7 +54,7 @@ def _decode(path: Path) -> str:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
-            f"{path}:{line}: bytes that are not UTF-8 ({raw[exc.start:exc.start + 4]!r}); re-save the file as UTF-8"
+            f"{path}:{line}: bytes that are not UTF-8 ({raw[exc.start : exc.start + 4]!r}); re-save the file as UTF-8"
         ) from None
 
 
@@ -66,9 +66,7 @@ def _lines(text: str) -> Iterator[tuple[int, str]]:
 
 def _column_index(path: Path, header: list[str], column: str, key: str) -> int:
     if column not in header:
-        raise DataError(
-            f"{path}:1: no column {column!r} in the header (columns: {', '.join(header)}); set data.{key}"
-        )
+        raise DataError(f"{path}:1: no column {column!r} in the header (columns: {', '.join(header)}); set data.{key}")
     return header.index(column)
 
 
@@ -123,9 +121,7 @@ def read_jsonl(path: Path, text_column: str, label_column: str) -> Iterator[Row]
             raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
         for column, key in ((text_column, "text_column"), (label_column, "label_column")):
             if column not in record:
-                raise DataError(
-                    f"{path}:{number}: no key {column!r} (keys: {', '.join(record)}); set data.{key}"
-                )
+                raise DataError(f"{path}:{number}: no key {column!r} (keys: {', '.join(record)}); set data.{key}")
         yield Row(f"{path}:{number}", record[text_column], record[label_column])
 
 
@@ -155,7 +151,7 @@ def read_dataset_split(cfg: DataConfig, split: str) -> tuple[list[Row], list[str
     names = list(feature.names) if hasattr(feature, "names") else None
     rows = [
         Row(f"{cfg.path}[{split}] row {i}", text, label)
-        for i, (text, label) in enumerate(zip(ds[cfg.text_column], ds[cfg.label_column]))
+        for i, (text, label) in enumerate(zip(ds[cfg.text_column], ds[cfg.label_column], strict=True))
     ]
     return rows, names
 
@@ -377,9 +373,7 @@ def prepare_data(cfg: DataConfig, run_dir: Path) -> PreparedData:
             return PreparedData(folder, meta["label_names"], fingerprint)
     texts, labels, names = read_all(cfg)
     features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
-    dsd = DatasetDict(
-        {s: Dataset.from_dict({"text": texts[s], "label": labels[s]}, features=features) for s in SPLITS}
-    )
+    dsd = DatasetDict({s: Dataset.from_dict({"text": texts[s], "label": labels[s]}, features=features) for s in SPLITS})
     partial = run_dir / "data.partial"
     shutil.rmtree(partial, ignore_errors=True)
     dsd.save_to_disk(str(partial / "dataset"))  # small: a progress bar here is noise

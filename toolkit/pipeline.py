@@ -83,19 +83,47 @@ class Runner:
         source, upstream = pretrained_artifact(recipe)
         upstream = fingerprint(upstream, data.fingerprint)
         artifacts: dict[str, Artifact] = {}
-        for cfg in recipe.stages:
+        model_stages = [c for c in recipe.stages if not REGISTRY[c.type].after_selection]
+        for cfg in model_stages:
             if not cfg.enabled:
                 self._update(cfg.name, {"type": cfg.type, "status": "disabled"})
                 continue
             stage_fp = fingerprint(cfg.model_dump(exclude={"name", "enabled"}), upstream)
-            ctx = StageContext(recipe, self.run_dir, self.run_dir / f"{cfg.name}.partial", data, source, dict(artifacts))
+            ctx = StageContext(
+                recipe, self.run_dir, self.run_dir / f"{cfg.name}.partial", data, source, dict(artifacts)
+            )
             result = self._run_or_reuse(cfg, ctx, stage_fp)
             if result.artifact is not None:
                 self._evaluate(cfg.name, result.artifact, source, data)
                 source = result.artifact
                 artifacts[cfg.name] = result.artifact
             upstream = stage_fp
+        selected = self._select()
+        for cfg in recipe.stages:
+            if cfg in model_stages or not cfg.enabled:
+                continue
+            stage_fp = fingerprint(cfg.model_dump(exclude={"name", "enabled"}), self.manifest.data["selection"])
+            ctx = StageContext(
+                recipe,
+                self.run_dir,
+                self.run_dir / f"{cfg.name}.partial",
+                data,
+                source,
+                dict(artifacts),
+                selected,
+            )
+            self._run_or_reuse(cfg, ctx, stage_fp)
         return self.manifest
+
+    def _select(self) -> Artifact:
+        from toolkit.selection import select, selected_artifact
+
+        if self.state.is_main_process:
+            self.manifest.data["selection"] = select(self.manifest, self.recipe)
+            self.manifest.save()
+        self.state.wait_for_everyone()
+        self.manifest = Manifest.load(self.run_dir)
+        return selected_artifact(self.manifest.data["selection"])
 
     def _record_header(self, data: PreparedData) -> None:
         if not self.state.is_main_process:
@@ -144,8 +172,14 @@ class Runner:
         if self.state.is_main_process:
             shutil.rmtree(ctx.out_dir, ignore_errors=True)
             ctx.out_dir.mkdir(parents=True)
-            entry = {"type": cfg.type, "config": cfg.model_dump(mode="json"), "fingerprint": stage_fp,
-                     "input": ctx.source.to_json(), "status": "running", "started": now()}
+            entry = {
+                "type": cfg.type,
+                "config": cfg.model_dump(mode="json"),
+                "fingerprint": stage_fp,
+                "input": ctx.source.to_json(),
+                "status": "running",
+                "started": now(),
+            }
             self.manifest.stages[name] = entry
             self.manifest.save()
         self.state.wait_for_everyone()
@@ -168,8 +202,16 @@ class Runner:
         artifact = result.artifact
         if artifact is not None:
             artifact = Artifact(final, artifact.format, name)
-        self._update(name, {"status": "done", "finished": now(), "seconds": round(time.perf_counter() - start, 2),
-                            "output": artifact.to_json() if artifact else None, "info": result.info})
+        self._update(
+            name,
+            {
+                "status": "done",
+                "finished": now(),
+                "seconds": round(time.perf_counter() - start, 2),
+                "output": artifact.to_json() if artifact else None,
+                "info": result.info,
+            },
+        )
         self.state.wait_for_everyone()
         return StageResult(artifact, result.info)
 
@@ -183,8 +225,15 @@ class Runner:
     def _fail(self, name: str, partial: Path, error: Exception) -> None:
         if self.state.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-            self._update(name, {"status": "failed", "finished": now(), "error": f"{type(error).__name__}: {error}",
-                                "traceback": traceback.format_exception(error)[-6:]})
+            self._update(
+                name,
+                {
+                    "status": "failed",
+                    "finished": now(),
+                    "error": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exception(error)[-6:],
+                },
+            )
         raise StageError(f"stage {name!r} failed: {type(error).__name__}: {error}") from error
 
     def _evaluate(self, name: str, artifact: Artifact, source: Artifact, data: PreparedData) -> None:
@@ -200,11 +249,21 @@ class Runner:
                 reference = self.run_dir / "evals" / f"{source.stage}.logits.npy"
                 start = time.perf_counter()
                 result = evaluate_artifact(
-                    artifact, data, self.recipe.evaluate, self.recipe.model.max_length, logits_file,
+                    artifact,
+                    data,
+                    self.recipe.evaluate,
+                    self.recipe.model.max_length,
+                    logits_file,
                     np.load(reference) if reference.is_file() else None,
                 )
-                self._update(name, {"evaluation": result, "eval_fingerprint": eval_fp,
-                                    "eval_seconds": round(time.perf_counter() - start, 2)})
+                self._update(
+                    name,
+                    {
+                        "evaluation": result,
+                        "eval_fingerprint": eval_fp,
+                        "eval_seconds": round(time.perf_counter() - start, 2),
+                    },
+                )
         self.state.wait_for_everyone()
 
     def _update(self, name: str, fields: dict[str, Any]) -> None:
@@ -213,8 +272,14 @@ class Runner:
             self.manifest.save()
 
 
-def run_recipe(recipe: Recipe, *, only: list[str] | None = None, from_: str | None = None,
-               fresh: bool = False, console: Any = None) -> Manifest:
+def run_recipe(
+    recipe: Recipe,
+    *,
+    only: list[str] | None = None,
+    from_: str | None = None,
+    fresh: bool = False,
+    console: Any = None,
+) -> Manifest:
     from accelerate import PartialState
 
     from toolkit.training import use_cpu

@@ -73,7 +73,9 @@ class DataConfig(Strict):
         self.format = fmt
         if fmt in FILE_FORMATS:
             if self.path is not None:
-                raise ValueError(f"`path` is for format disk or hub; with format {fmt} name files in train/validation/test")
+                raise ValueError(
+                    f"`path` is for format disk or hub; with format {fmt} name files in train/validation/test"
+                )
             for split in ("train", "validation", "test"):
                 value = getattr(self, split)
                 if value is not None:
@@ -93,7 +95,13 @@ def _guess_format(path: str | None, train: str) -> str:
     if path is not None:
         return "disk" if resolve_local(path, Path(".")) else "hub"
     name = train.lower().removesuffix(".bz2").removesuffix(".gz").removesuffix(".xz")
-    for suffix, fmt in ((".tsv", "tsv"), (".txt", "tsv"), (".csv", "csv"), (".jsonl", "jsonl"), (".json", "jsonl")):
+    for suffix, fmt in (
+        (".tsv", "tsv"),
+        (".txt", "tsv"),
+        (".csv", "csv"),
+        (".jsonl", "jsonl"),
+        (".json", "jsonl"),
+    ):
         if name.endswith(suffix):
             return fmt
     raise ValueError(f"cannot tell the format of {train!r}; set `format` to one of tsv, csv, jsonl, disk, hub")

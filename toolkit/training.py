@@ -58,7 +58,9 @@ def make_dataloaders(
     tokenized, tokenizer, opts: LoopOptions, eval_split: str = "validation"
 ) -> tuple[DataLoader, DataLoader]:
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in tokenized["train"].column_names]
+    columns = [
+        c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in tokenized["train"].column_names
+    ]
     train = tokenized["train"].with_format("torch", columns=columns)
     evaluation = tokenized[eval_split].with_format("torch", columns=columns)
     generator = torch.Generator().manual_seed(opts.seed)
@@ -93,7 +95,10 @@ def classifier_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -
 
 
 def predict(
-    accelerator: Accelerator, model: torch.nn.Module, dataloader: DataLoader, logits_fn: LogitsFn = classifier_logits
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    dataloader: DataLoader,
+    logits_fn: LogitsFn = classifier_logits,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predictions and labels over the whole split, gathered from every process (padding samples dropped)."""
     model.eval()
@@ -157,7 +162,12 @@ def fit(
         bar.close()
         preds, refs = predict(accelerator, model, eval_dl, logits_fn)
         scores = classification_metrics(preds, refs, label_names)
-        row = {"epoch": epoch + 1, "train_loss": loss, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss,
+            "accuracy": scores["accuracy"],
+            "macro_f1": scores["macro_f1"],
+        }
         history.append(row)
         accelerator.print(
             f"{desc} epoch {epoch + 1}: loss {loss:.4f}, validation accuracy {row['accuracy']:.4f}, "

@@ -2,7 +2,8 @@
 
 Stage modules keep heavy imports (torch, transformers, onnxruntime) inside their functions so that
 validating a recipe and `toolkit --help` stay instant. `distributed` stages run on every process under
-`accelerate launch`; the others run on the main process while the rest wait.
+`accelerate launch`; the others run on the main process while the rest wait. `after_selection` stages run
+once every model stage is done and a candidate is selected, whatever their place in the recipe.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class Stage:
     config: type[StageBase]
     run: Callable[[StageBase, StageContext], StageResult]
     distributed: bool = False
+    # Runs after every model stage and the selection, on the selected model (packaging, pushing).
+    after_selection: bool = False
 
 
 REGISTRY: dict[str, Stage] = {

@@ -57,6 +57,8 @@ class StageContext:
     source: Artifact
     # Every earlier stage's model, by stage name, in recipe order.
     artifacts: dict[str, Artifact] = field(default_factory=dict)
+    # The chosen candidate; set only for stages that run after selection (packaging, pushing).
+    selected: Artifact | None = None
 
     def latest(self, fmt: str) -> Artifact | None:
         """The newest earlier artifact of a format (an ONNX stage after a non-ONNX one needs the PyTorch model)."""
