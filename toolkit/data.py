@@ -288,12 +288,14 @@ def read_all(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, list[int]
 
 
 def _carve_missing_splits(texts: dict, labels: dict, cfg: DataConfig) -> None:
+    # Fractions are of the whole pool: once test is carved, validation's share of what is left is larger.
+    test_carved = "test" not in texts
     for split in ("test", "validation"):
         if split in texts:
             continue
         y = np.array(labels["train"])
         fraction = getattr(cfg.split, split)
-        if split == "validation" and "test" not in texts:
+        if split == "validation" and test_carved:
             fraction = fraction / (1 - cfg.split.test)
         rest, carved = stratified_split(y, fraction, cfg.split.seed)
         for store in (texts, labels):

@@ -213,22 +213,32 @@ def parse_recipe(raw: Any, base_dir: Path, source: Path | str = "<recipe>") -> R
     try:
         return Recipe.model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise RecipeError(source, [_describe(err) for err in exc.errors()]) from None
+        raise RecipeError(source, [_describe(err, raw) for err in exc.errors()]) from None
 
 
-def _describe(err: dict) -> str:
-    loc = _key_path(err["loc"])
+def _describe(err: dict, raw: dict) -> str:
+    loc = _strip_stage_tag(tuple(err["loc"]))
+    where = _key_path(loc)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(err["loc"][:-1])
+        allowed = _allowed_keys(loc[:-1], raw)
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
-        return f"{loc}: unknown key{hint}"
+        return f"{where}: unknown key{hint}"
     if err["type"] == "missing":
-        return f"{loc}: required key is missing"
+        return f"{where}: required key is missing"
     shown = err.get("input")
-    if isinstance(shown, (str, int, float, bool)) and err["type"] not in ("union_tag_invalid",):
-        return f"{loc}: {msg} (got {shown!r})"
-    return f"{loc}: {msg}"
+    if isinstance(shown, (str, int, float, bool)) and err["type"] != "union_tag_invalid":
+        return f"{where}: {msg} (got {shown!r})"
+    return f"{where}: {msg}"
+
+
+def _strip_stage_tag(loc: tuple) -> tuple:
+    """pydantic puts the union tag in the path (stages.0.train.epochs); users wrote stages[0].epochs."""
+    from toolkit.stages import REGISTRY
+
+    if len(loc) > 2 and loc[0] == "stages" and isinstance(loc[1], int) and loc[2] in REGISTRY:
+        return loc[:2] + loc[3:]
+    return loc
 
 
 def _key_path(loc: tuple) -> str:
@@ -241,28 +251,24 @@ def _key_path(loc: tuple) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _allowed_keys(loc: tuple) -> list[str]:
-    """Walk the model classes along `loc` (stage tags included) to list the keys that are allowed there."""
+def _allowed_keys(loc: tuple, raw: dict) -> list[str]:
+    """Walk the model classes along `loc` to list the keys allowed there (a stage's model comes from its type)."""
     from toolkit.stages import REGISTRY
 
     model: Any = Recipe
-    for item in loc:
-        if isinstance(item, int):
-            continue
-        if model is Recipe and item == "stages":
-            model = "stages"
-            continue
-        if model == "stages":
-            model = REGISTRY[item].config if item in REGISTRY else None
-            continue
-        field = model.model_fields.get(item) if isinstance(model, type) else None
-        annotation = getattr(field, "annotation", None)
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-        if model is None:
+    if len(loc) >= 2 and loc[0] == "stages":
+        try:
+            model = REGISTRY[raw["stages"][loc[1]]["type"]].config
+        except (KeyError, IndexError, TypeError):
             return []
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return list(model.model_fields)
-    return []
+        loc = loc[2:]
+    for item in loc:
+        field = model.model_fields.get(item) if isinstance(item, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
 
 
 __all__ = ["Recipe", "RecipeError", "StageConfig", "load_recipe", "parse_recipe"]

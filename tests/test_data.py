@@ -1,0 +1,181 @@
+"""Data: every format reads to the same examples; every bad row names its file and line."""
+
+from __future__ import annotations
+
+import bz2
+import json
+from pathlib import Path
+
+import pytest
+from conftest import toy_examples, write_tsv
+
+from toolkit.data import DataError, prepare_data, read_all
+from toolkit.recipe import DataConfig, parse_recipe
+
+
+def data_config(tmp_path: Path, **data) -> DataConfig:
+    raw = {"name": "t", "data": data, "model": {"name": "org/model"}, "stages": [{"type": "train"}]}
+    return parse_recipe(raw, tmp_path).data
+
+
+ROWS = toy_examples(40)
+
+
+def write_csv(path: Path, rows, newline="\n", bom=False) -> Path:
+    lines = ["text,label"] + [f'"{t}",{label}' for t, label in rows]
+    path.write_bytes((("\ufeff" if bom else "") + newline.join(lines) + newline).encode("utf-8"))
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("\n".join(json.dumps({"text": t, "label": label}) for t, label in rows) + "\n")
+    return path
+
+
+def test_formats_read_the_same_examples(tmp_path):
+    configs = {
+        "tsv": data_config(tmp_path, train=str(write_tsv(tmp_path / "a.tsv", ROWS))),
+        "csv": data_config(tmp_path, train=str(write_csv(tmp_path / "a.csv", ROWS)), text_column="text"),
+        "jsonl": data_config(tmp_path, train=str(write_jsonl(tmp_path / "a.jsonl", ROWS)), text_column="text"),
+    }
+    results = {fmt: read_all(cfg) for fmt, cfg in configs.items()}
+    assert {cfg.format for cfg in configs.values()} == {"tsv", "csv", "jsonl"}
+    first = results["tsv"]
+    for fmt, result in results.items():
+        assert result == first, fmt
+    texts, labels, names = first
+    assert names == ["negative", "positive"]
+    assert sum(len(v) for v in texts.values()) == 40
+    assert set(texts) == {"train", "validation", "test"}
+
+
+def test_datasets_folder_with_classlabel_names(tmp_path):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    features = Features({"sentence": Value("string"), "label": ClassLabel(names=["neg", "pos"])})
+    split = {"sentence": [t for t, _ in ROWS], "label": [int(lab == "positive") for _, lab in ROWS]}
+    DatasetDict({"train": Dataset.from_dict(split, features=features)}).save_to_disk(str(tmp_path / "ds"))
+    cfg = data_config(tmp_path, path="ds", format="disk")
+    texts, labels, names = read_all(cfg)
+    assert names == ["neg", "pos"]
+    assert sum(len(v) for v in texts.values()) == 40
+
+
+def test_integer_labels_with_declared_names_travel_with_the_data(tmp_path):
+    path = write_tsv(tmp_path / "int.tsv", ROWS, labels={"negative": 0, "positive": 1})
+    cfg = data_config(tmp_path, train=str(path), labels=["bad", "good"])
+    texts, labels, names = read_all(cfg)
+    assert names == ["bad", "good"]
+    assert all(
+        ("good" in t or "great" in t or "superb" in t or "lovely" in t or "brilliant" in t) == bool(y)
+        for t, y in zip(texts["train"], labels["train"], strict=True)
+    )
+    plain = data_config(tmp_path, train=str(path))
+    assert read_all(plain)[2] == ["0", "1"]
+
+
+def test_chinese_crlf_and_bom(tmp_path):
+    rows = [("这部电影很好看", "1"), ("质量太差了，不推荐", "0")] * 10
+    path = tmp_path / "zh.tsv"
+    body = "index\tsentence\tlabel\r\n" + "".join(f"{i}\t{t}\t{y}\r\n" for i, (t, y) in enumerate(rows))
+    path.write_bytes(("\ufeff" + body).encode("utf-8"))
+    texts, labels, names = read_all(data_config(tmp_path, train=str(path)))
+    all_texts = [t for split in texts.values() for t in split]
+    assert set(all_texts) == {"这部电影很好看", "质量太差了，不推荐"}  # no stray \r, no BOM in the header
+    assert names == ["0", "1"]
+    csv_path = write_csv(tmp_path / "zh.csv", rows, newline="\r\n", bom=True)
+    texts, _, _ = read_all(data_config(tmp_path, train=str(csv_path), text_column="text"))
+    assert "这部电影很好看" in [t for split in texts.values() for t in split]
+
+
+def test_compressed_csv(tmp_path):
+    path = write_csv(tmp_path / "a.csv", ROWS)
+    packed = tmp_path / "a.csv.bz2"
+    packed.write_bytes(bz2.compress(path.read_bytes()))
+    cfg = data_config(tmp_path, train=str(packed), text_column="text")
+    assert cfg.format == "csv"
+    assert sum(len(v) for v in read_all(cfg)[0].values()) == 40
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("index\tsentence\tlabel\n0\tgood film\t1\n1\tbad film\n", r"bad\.tsv:3: expected 3 tab-separated fields"),
+        ("index\ttext\tlabel\n0\tgood film\t1\n", r"bad\.tsv:1: no column 'sentence' in the header .*text_column"),
+        ("index\tsentence\tlabel\n0\tgood\t1\n1\t  \t0\n", r"bad\.tsv:3: empty text in column 'sentence'"),
+        ("index\tsentence\tlabel\n0\tgood\t1\n1\tfine\t\n", r"bad\.tsv:3: empty label"),
+    ],
+)
+def test_bad_tsv_rows_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_all(data_config(tmp_path, train=str(path)))
+
+
+def test_undecodable_bytes_name_the_line(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_bytes(b"index\tsentence\tlabel\n0\tgood\t1\n1\tcaf\xe9 au lait\t0\n")
+    with pytest.raises(DataError, match=r"bad\.tsv:3: bytes that are not UTF-8 .*re-save the file as UTF-8"):
+        read_all(data_config(tmp_path, train=str(path)))
+
+
+def test_label_outside_known_set(tmp_path):
+    train = write_tsv(tmp_path / "train.tsv", ROWS)
+    test = write_tsv(tmp_path / "test.tsv", [("a neutral film", "neutral")])
+    with pytest.raises(DataError, match=r"test\.tsv:2: label 'neutral' is not one of the known labels"):
+        read_all(data_config(tmp_path, train=str(train), test=str(test)))
+    with pytest.raises(DataError, match=r"train\.tsv:2: label 'positive' is not one of the known labels \['a', 'b'\]"):
+        read_all(data_config(tmp_path, train=str(train), labels=["a", "b"]))
+
+
+def test_bad_csv_and_jsonl_rows(tmp_path):
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_text('text,label\n"fine film",positive\n"multi\nline text",negative\n"short",negative,extra\n')
+    with pytest.raises(DataError, match=r"bad\.csv:5: expected 2 comma-separated fields"):
+        read_all(data_config(tmp_path, train=str(csv_path), text_column="text"))
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text('{"text": "good", "label": "positive"}\n{"text": "bad"\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON"):
+        read_all(data_config(tmp_path, train=str(jsonl), text_column="text"))
+    jsonl.write_text('{"text": "good", "label": "positive"}\n{"txt": "bad", "label": "negative"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: no key 'text'"):
+        read_all(data_config(tmp_path, train=str(jsonl), text_column="text"))
+
+
+def test_stratified_split_is_seeded_and_balanced(tmp_path):
+    path = write_tsv(tmp_path / "a.tsv", toy_examples(200))
+    cfg = data_config(tmp_path, train=str(path), split={"validation": 0.1, "test": 0.2, "seed": 7})
+    texts, labels, _ = read_all(cfg)
+    assert {k: len(v) for k, v in texts.items()} == {"train": 140, "validation": 20, "test": 40}
+    assert sum(labels["test"]) == 20  # half of each class, like the source
+    assert read_all(cfg) == (texts, labels, ["negative", "positive"])
+    assert not set(texts["test"]) & set(texts["train"])
+
+
+def test_drop_labels_dedupe_and_limits(tmp_path):
+    rows = ROWS + [(ROWS[0][0], ROWS[0][1]), (ROWS[1][0], "positive"), ("a plot summary", "plot")]
+    path = write_tsv(tmp_path / "a.tsv", rows)
+    cfg = data_config(tmp_path, train=str(path), drop_labels=["plot"], dedupe=True, max_samples={"test": 3})
+    texts, labels, names = read_all(cfg)
+    everything = [t for split in texts.values() for t in split]
+    assert names == ["negative", "positive"]
+    assert ROWS[0][0] in everything and everything.count(ROWS[0][0]) == 1
+    assert ROWS[1][0] not in everything  # the same text with two labels is dropped, not guessed
+    assert len(texts["test"]) == 3
+
+
+def test_prepared_data_is_saved_once_and_tokenised_with_dynamic_lengths(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    rows = [(text + " and more words" * (i % 3), label) for i, (text, label) in enumerate(ROWS)]
+    cfg = data_config(tmp_path, train=str(write_tsv(tmp_path / "a.tsv", rows)))
+    prepared = prepare_data(cfg, tmp_path / "run")
+    stamp = (tmp_path / "run" / "data" / "meta.json").stat().st_mtime_ns
+    again = prepare_data(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "data" / "meta.json").stat().st_mtime_ns == stamp
+    assert again.fingerprint == prepared.fingerprint
+    tokenized = prepared.tokenized(AutoTokenizer.from_pretrained(tiny_model), 64)
+    lengths = {len(ids) for ids in tokenized["train"]["input_ids"]}
+    assert len(lengths) > 1  # not padded to a fixed length: batches are padded when collated
+    assert "labels" in tokenized["train"].column_names
