@@ -1,0 +1,100 @@
+"""The command line through Typer's runner, plus real processes where the process boundary is the point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from toolkit.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_validate_valid_recipe(toy_recipe, write_recipe):
+    result = runner.invoke(app, ["validate", str(write_recipe(toy_recipe))])
+    assert result.exit_code == 0, result.output
+    assert "valid recipe 'toy'" in result.output
+    assert "stages: train" in result.output
+
+
+def test_validate_invalid_recipe_lists_every_problem_without_traceback(toy_recipe, write_recipe):
+    toy_recipe["stages"][0]["epochs"] = "many"
+    toy_recipe["evaluate"]["split"] = "dev"
+    result = runner.invoke(app, ["validate", str(write_recipe(toy_recipe))])
+    assert result.exit_code == 1
+    assert "stages[0].epochs: Input should be a valid integer" in result.output
+    assert "evaluate.split: Input should be 'test' or 'validation' (got 'dev')" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_run_prints_the_table_and_report_reprints_it(toy_recipe, write_recipe, tmp_path):
+    result = runner.invoke(app, ["run", str(write_recipe(toy_recipe))])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "train" in result.output
+    assert f"run folder: {tmp_path / 'run'}" in result.output
+    report = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert report.exit_code == 0 and "p50 ms" in report.output
+    missing = runner.invoke(app, ["report", str(tmp_path)])
+    assert missing.exit_code == 1 and "has no manifest.json" in missing.output
+
+
+def test_run_bad_data_is_one_clear_line(toy_recipe, write_recipe, tmp_path):
+    (tmp_path / "train.tsv").write_text("index\tsentence\tlabel\n0\tgood\t1\n1\tbad\n")
+    toy_recipe["data"]["train"] = "train.tsv"
+    result = runner.invoke(app, ["run", str(write_recipe(toy_recipe))])
+    assert result.exit_code == 1
+    assert "train.tsv:3: expected 3 tab-separated fields" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_help_does_not_import_heavy_libraries():
+    # `toolkit --help` must answer at once: the CLI module may not pull in torch, transformers or datasets.
+    code = "import sys, toolkit.cli, toolkit.recipe; print(sorted(m for m in ('torch', 'transformers', 'datasets', 'onnxruntime', 'bentoml') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+    helped = subprocess.run([sys.executable, "-m", "toolkit", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert helped.returncode == 0 and "validate" in helped.stdout
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_fine_tune(toy_recipe, write_recipe, tmp_path):
+    """Two CPU processes with DDP (gloo): each sees half the batches and both agree on one saved model."""
+    path = write_recipe(toy_recipe)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "toolkit", "run", str(path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    train = manifest["stages"]["train"]
+    assert train["info"]["num_processes"] == 2
+    single_batches = -(-int(manifest["data"]["counts"]["train"]) // 16)
+    assert train["info"]["train_batches_per_process"] == -(-single_batches // 2)
+    assert train["evaluation"]["accuracy"] >= 0.9
+    assert done.stdout.count("run folder:") == 1  # the table is printed by the main process only
+
+
+@pytest.mark.slow
+def test_ci_recipe_end_to_end(tmp_path):
+    """recipes/ci.yaml on the real MiniLM and Rotten Tomatoes data, into a temporary run folder."""
+    recipe = (ROOT / "recipes" / "ci.yaml").read_text().replace("dir: ../runs/ci", f"dir: {tmp_path / 'ci'}")
+    path = ROOT / "recipes" / f".ci-test-{os.getpid()}.yaml"
+    path.write_text(recipe)
+    try:
+        result = runner.invoke(app, ["run", str(path)])
+    finally:
+        path.unlink()
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "ci" / "manifest.json").read_text())
+    train = manifest["stages"]["train"]
+    assert manifest["data"]["counts"] == {"train": 400, "validation": 100, "test": 200}
+    assert manifest["data"]["label_names"] == ["fresh", "rotten"]
+    assert train["evaluation"]["accuracy"] > 0.65  # well above the 58% majority class after a few hundred examples
