@@ -7,6 +7,7 @@ run. Stage option models live beside their stage in `toolkit.stages`; the regist
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,10 +172,23 @@ class Recipe(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"stage names must be unique; repeated: {dupes} (set `name:` on one of them)")
+        self._check_stage_shapes()
         base = _base_dir(info)
         run_dir = self.output.dir or f"runs/{self.name}"
         self.output.dir = str((base / run_dir).resolve())
         return self
+
+    def _check_stage_shapes(self) -> None:
+        """Options that only the model's shape can rule out (pruning to more heads than exist) fail here, before
+        any work, when the recipe's model is a local folder."""
+        shape = local_model_shape(self.model.name)
+        for number, stage in enumerate(self.stages):
+            if not stage.enabled:
+                continue
+            try:
+                shape = stage.check_shape(shape)
+            except ValueError as exc:
+                raise ValueError(f"stages[{number}] ({stage.name}): {exc}") from None
 
     @property
     def run_dir(self) -> Path:
@@ -185,6 +199,17 @@ class Recipe(Strict):
             if stage.name == name:
                 return stage
         raise KeyError(name)
+
+
+def local_model_shape(name: str) -> dict[str, Any] | None:
+    """The recipe model's `config.json` when it is a local folder (None for a Hub id: nothing to read offline)."""
+    config = Path(name) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 class RecipeError(Exception):

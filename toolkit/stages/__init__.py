@@ -14,7 +14,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from toolkit.stages import train
+from toolkit.stages import distill, prune, train
 from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
 
 
@@ -29,6 +29,8 @@ class Stage:
 
 REGISTRY: dict[str, Stage] = {
     "train": Stage(train.TrainConfig, train.run, distributed=True),
+    "prune": Stage(prune.PruneConfig, prune.run, distributed=True),
+    "distill": Stage(distill.DistillConfig, distill.run, distributed=True),
 }
 
 _configs = tuple(stage.config for stage in REGISTRY.values())

@@ -29,6 +29,12 @@ class StageBase(BaseModel):
             self.name = self.type
         return self
 
+    def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Check this stage's options against the shape of the model it will receive (the recipe model's
+        `config.json` fields, passed from stage to stage; None when unknown, e.g. a Hub model) and return the
+        shape it hands on. Raise ValueError for options the shape rules out. Most stages keep the shape."""
+        return shape
+
 
 @dataclass(frozen=True)
 class Artifact:

@@ -1,0 +1,148 @@
+"""Structured pruning: slicing round-trips through save/load and ONNX, importance finds planted heads, targets
+are checked at validation, and the stage runs in the pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit import pruning
+from toolkit.recipe import RecipeError, load_recipe
+from toolkit.stages.prune import round_targets
+
+
+def classifier(folder, **kwargs):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}, **kwargs
+    ).eval()
+
+
+def encoded(folder, texts=("the film was superb", "a dull plot and it was bad very")):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)(list(texts), padding=True, return_tensors="pt")
+
+
+def test_uneven_heads_and_ffn_round_trip_through_save_load_and_onnx(tiny_model, tmp_path):
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+
+    torch.manual_seed(1)
+    model = classifier(tiny_model)
+    pruning.keep_heads(model, [[0, 3], [2]])  # uneven: 2 heads then 1 head
+    pruning.keep_neurons(model, [list(range(0, 64, 2)), list(range(32))])
+    inputs = encoded(tiny_model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path / "pruned")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "pruned")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["pruned_heads"] == {"0": [1, 2], "1": [0, 1, 3]}
+    assert config["intermediate_size"] == 32
+    reloaded = classifier(tmp_path / "pruned")
+    assert pruning.head_counts(reloaded) == [2, 1]
+    assert pruning.kept_heads(reloaded.config) == [[0, 3], [2]]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=0, atol=1e-6)
+    onnx = ORTModelForSequenceClassification.from_pretrained(tmp_path / "pruned", export=True)
+    onnx_logits = onnx(**encoded(tmp_path / "pruned")).logits
+    np.testing.assert_allclose(np.asarray(onnx_logits), expected.numpy(), atol=1e-4)
+
+
+def test_second_pruning_keeps_original_head_indices(tiny_model, tmp_path):
+    model = classifier(tiny_model)
+    pruning.keep_heads(model, [[1, 2, 3], [0, 1, 2, 3]])
+    pruning.keep_heads(model, [[0, 2], [3]])  # current indices: layer 0 keeps original heads 1 and 3
+    assert pruning.kept_heads(model.config) == [[1, 3], [3]]
+    model.save_pretrained(tmp_path / "twice")
+    assert pruning.head_counts(classifier(tmp_path / "twice")) == [2, 1]
+
+
+def test_never_removes_every_head_of_a_layer(tiny_model):
+    model = classifier(tiny_model)
+    with pytest.raises(pruning.PruningError, match="every attention head"):
+        pruning.keep_heads(model, [[0], []])
+    with pytest.raises(pruning.PruningError, match="same, non-zero"):
+        pruning.keep_neurons(model, [[0, 1], [0]])
+
+
+def test_importance_ranks_planted_important_head_above_useless_one(tiny_model):
+    """Layer 0: head 1's value weights are zeroed (it contributes nothing); head 2's output is scaled up, so the
+    loss depends on it most."""
+    model = classifier(tiny_model)
+    attention = model.bert.encoder.layer[0].attention
+    size = attention.self.attention_head_size
+    with torch.no_grad():
+        attention.self.value.weight[size : 2 * size] = 0
+        attention.self.value.bias[size : 2 * size] = 0
+        attention.output.dense.weight[:, 2 * size : 3 * size] *= 8
+    inputs = encoded(tiny_model)
+    batches = [{**inputs, "labels": torch.tensor([1, 0])}] * 3
+    heads, neurons = pruning.importance(model, batches)
+    assert heads[0][1] == pytest.approx(0.0, abs=1e-7)
+    assert heads[0][2] == max(heads[0])
+    assert float(heads[0].norm()) == pytest.approx(1.0)
+    assert [len(n) for n in neurons] == [64, 64]
+    assert pruning.top_indices(heads[0], 1) == [2]
+    assert 1 not in pruning.top_indices(heads[0], 3)
+
+
+def test_round_targets_reach_goal_in_steps():
+    assert round_targets([12, 12], [8, 4], 2) == [[10, 8], [8, 4]]
+    assert round_targets([1536], [1024], 1) == [[1024]]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"heads_per_layer": 0}, "heads_per_layer must be a whole number >= 1"),
+        ({"heads_per_layer": 1.5}, "strictly between 0 and 1"),
+        ({"ffn_size": -3}, "ffn_size must be a whole number >= 1"),
+        ({"heads_per_layer": 5}, "heads_per_layer: 5 is more than the model has (4)"),
+        ({"ffn_size": 65}, "ffn_size: 65 is more than the model has (64)"),
+        ({}, "set heads_per_layer and/or ffn_size"),
+        ({"heads_per_layer": 2, "epochs": 2}, "use recover_epochs"),
+    ],
+)
+def test_bad_targets_rejected_at_validation(toy_recipe, write_recipe, options, message):
+    toy_recipe["stages"].append({"type": "prune", **options})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(toy_recipe))
+    assert message in str(err.value), str(err.value)
+
+
+def test_second_prune_checked_against_first(toy_recipe, write_recipe):
+    toy_recipe["stages"] += [
+        {"type": "prune", "ffn_size": 40},
+        {"type": "prune", "name": "again", "ffn_size": 50},
+    ]
+    with pytest.raises(RecipeError, match=r"stages\[2\] \(again\): ffn_size: 50 is more than the model has \(40\)"):
+        load_recipe(write_recipe(toy_recipe))
+
+
+def test_prune_stage_in_pipeline(toy_recipe, write_recipe, tmp_path):
+    from toolkit.pipeline import run_recipe
+
+    toy_recipe["stages"].append(
+        {"type": "prune", "heads_per_layer": 0.5, "ffn_size": 40, "iterations": 2, "importance_batches": 4,
+         "recover_epochs": 2, "batch_size": 16, "learning_rate": 5e-4}
+    )  # fmt: skip
+    manifest = run_recipe(load_recipe(write_recipe(toy_recipe)))
+    entry = manifest.stage("prune")
+    assert entry["status"] == "done", entry.get("error")
+    info = entry["info"]
+    assert info["heads_per_layer"] == [2, 2] and info["ffn_size"] == 40
+    assert [r["heads_per_layer"] for r in info["rounds"]] == [[3, 3], [2, 2]]
+    assert [r["ffn_size"] for r in info["rounds"]] == [52, 40]
+    saved = json.loads((tmp_path / "run" / "prune" / "pruning.json").read_text())
+    assert saved["kept_heads"] == info["kept_heads"]
+    model = classifier(tmp_path / "run" / "prune")
+    assert pruning.head_counts(model) == [2, 2] and pruning.ffn_sizes(model) == [40, 40]
+    assert entry["evaluation"]["accuracy"] >= 0.85, entry["evaluation"]
+    assert entry["evaluation"]["parity"]["n"] == entry["evaluation"]["n"]
