@@ -1,0 +1,149 @@
+"""Distillation: the student learns from the teacher on the toy task, keeps its labels, takes its shape from
+teacher layers or another model, and runs under `accelerate launch` with two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from toolkit.pipeline import run_recipe
+from toolkit.recipe import RecipeError, load_recipe
+from toolkit.stages.distill import spaced_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def four_layer_teacher(tiny_model, tmp_path) -> Path:
+    """A 4-layer encoder with the fixture's tokenizer, so a 2-layer student is a real cut."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    config = BertConfig.from_pretrained(tiny_model, num_hidden_layers=4)
+    folder = tmp_path / "teacher4"
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return folder
+
+
+def distill_stage(**options) -> dict:
+    base = {"type": "distill", "epochs": 6, "batch_size": 16, "learning_rate": 1e-3, "warmup_ratio": 0.0}
+    return {**base, **options}
+
+
+def test_spaced_layers_default_mapping():
+    assert spaced_layers(6, 3) == [1, 3, 5]
+    assert spaced_layers(12, 3) == [3, 7, 11]
+    assert spaced_layers(4, 4) == [0, 1, 2, 3]
+
+
+def test_layer_student_keeps_pruned_shape_and_teacher_labels(toy_recipe, write_recipe, tmp_path):
+    toy_recipe["model"]["name"] = str(four_layer_teacher(Path(toy_recipe["model"]["name"]), tmp_path))
+    toy_recipe["data"]["labels"] = ["positive", "negative"]  # not sorted order: ids must travel with the model
+    student = {"student": {"layers": [1, 3]}, "hidden_mse_weight": 1.0, "attention_mse_weight": 1.0}
+    toy_recipe["stages"] += [
+        {"type": "prune", "heads_per_layer": 2, "ffn_size": 48, "importance_batches": 2},
+        distill_stage(**student, hard_label_weight=0.5, temperature_schedule="linear_decay"),
+    ]
+    manifest = run_recipe(load_recipe(write_recipe(toy_recipe)))
+    teacher, distilled = manifest.stage("prune"), manifest.stage("distill")
+    assert distilled["status"] == "done", distilled.get("error")
+    assert teacher["evaluation"]["accuracy"] >= 0.9
+    assert distilled["evaluation"]["accuracy"] >= 0.9, distilled["evaluation"]
+    assert distilled["info"]["layer_map"] == [1, 3] and distilled["info"]["student_layers"] == 2
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tmp_path / "run" / "distill")
+    assert config.id2label == {0: "positive", 1: "negative"}
+    assert config.label2id == {"positive": 0, "negative": 1}
+    assert config.num_hidden_layers == 2 and config.intermediate_size == 48
+    assert {int(k) for k in config.pruned_heads} == {0, 1}  # the pruned teacher's shape, renumbered
+
+
+def test_distillation_teaches_another_model_through_a_projection(toy_recipe, write_recipe, tmp_path):
+    """A narrower random-weight student (hidden 16 vs 32, configured for 3 labels): distilled, it learns the
+    task that it cannot do untrained; num_labels and label names come from the teacher."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tiny = Path(toy_recipe["model"]["name"])
+    config = BertConfig.from_pretrained(tiny, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                        num_hidden_layers=1, num_labels=3)  # fmt: skip
+    folder = tmp_path / "narrow"
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(folder)
+    toy_recipe["stages"].append(
+        distill_stage(
+            student={"model": str(folder)}, hidden_mse_weight=0.5, epochs=20, hard_label_weight=1.0, temperature=2.0
+        )
+    )
+    manifest = run_recipe(load_recipe(write_recipe(toy_recipe)))
+    entry = manifest.stage("distill")
+    assert entry["status"] == "done", entry.get("error")
+    assert entry["info"]["layer_map"] == [1]
+    saved = json.loads((tmp_path / "run" / "distill" / "config.json").read_text())
+    assert saved["hidden_size"] == 16 and saved["id2label"] == {"0": "negative", "1": "positive"}
+    assert entry["evaluation"]["accuracy"] >= 0.85, entry["evaluation"]
+    untrained = untrained_accuracy(folder, tmp_path / "run" / "data")
+    assert untrained < entry["evaluation"]["accuracy"] - 0.2, untrained
+
+
+def untrained_accuracy(folder: Path, data_dir: Path) -> float:
+    """The same student before distillation: its weights and a fresh two-label head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from toolkit.data import PreparedData
+    from toolkit.predictors import PyTorchPredictor
+
+    torch.manual_seed(0)
+    predictor = PyTorchPredictor(folder, max_length=16, threads=1)
+    predictor.model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
+    data = PreparedData(data_dir, ["negative", "positive"], "")
+    logits = predictor.logits_batched(data.texts("test"), 64)
+    return float((logits.argmax(-1) == data.labels("test")).mean())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"student": {"num_layers": 3}}, "student.num_layers 3 is more than the teacher's 2 layers"),
+        ({"student": {"layers": [0, 2]}}, "teacher layer indices [2] do not exist"),
+        ({"student": {"layers": [0], "num_layers": 1}}, "exactly one of layers, num_layers, model"),
+        ({"student": {}}, "exactly one of layers, num_layers, model"),
+        ({"student": {"num_layers": 1}, "layer_map": [0, 1]}, "layer_map has 2 entries for a 1-layer student"),
+        ({"student": {"model": "./missing-folder"}}, "neither an existing folder"),
+        ({"student": {"num_layers": 1}, "kd_weight": 0}, "every loss weight is 0"),
+        ({"student": {"num_layers": 1}, "temperature": 0}, "greater than 0"),
+    ],
+)
+def test_bad_distill_options_rejected_at_validation(toy_recipe, write_recipe, options, message):
+    toy_recipe["stages"].append({"type": "distill", **options})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(toy_recipe))
+    assert message in str(err.value), str(err.value)
+
+
+@pytest.mark.slow
+def test_two_process_distillation_under_accelerate_launch(toy_recipe, write_recipe, tmp_path):
+    toy_recipe["stages"] += [
+        {"type": "prune", "heads_per_layer": 2, "importance_batches": 2, "recover_epochs": 1, "batch_size": 16},
+        distill_stage(student={"num_layers": 1}, hidden_mse_weight=1.0, attention_mse_weight=1.0, epochs=4),
+    ]
+    path = write_recipe(toy_recipe)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "toolkit", "run", str(path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    for name in ("prune", "distill"):
+        assert manifest["stages"][name]["status"] == "done"
+    distill = manifest["stages"]["distill"]
+    assert distill["info"]["num_processes"] == 2
+    assert manifest["stages"]["prune"]["info"]["recovery"]["num_processes"] == 2
+    assert distill["evaluation"]["accuracy"] >= 0.8, distill["evaluation"]
