@@ -14,6 +14,21 @@ NEGATIVE = ["bad", "awful", "poor", "terrible", "dull"]
 FILLER = ["the", "movie", "film", "plot", "actor", "was", "is", "very", "a", "story", "and", "it"]
 
 
+def launch_two_processes(recipe: Path, cwd: Path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m toolkit run RECIPE` (two CPU processes, gloo DDP)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "toolkit", "run", str(recipe)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory, monkeypatch):
     """Caches outside the project can make a test pass that fails on a fresh machine: keep them per session."""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import launch_two_processes
 from typer.testing import CliRunner
 
 from toolkit.cli import app
@@ -66,13 +67,7 @@ def test_help_does_not_import_heavy_libraries():
 @pytest.mark.slow
 def test_two_process_accelerate_launch_fine_tune(toy_recipe, write_recipe, tmp_path):
     """Two CPU processes with DDP (gloo): each sees half the batches and both agree on one saved model."""
-    path = write_recipe(toy_recipe)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "toolkit", "run", str(path)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = launch_two_processes(write_recipe(toy_recipe), tmp_path)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     train = manifest["stages"]["train"]
     assert train["info"]["num_processes"] == 2

@@ -4,18 +4,14 @@ teacher layers or another model, and runs under `accelerate launch` with two pro
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import launch_two_processes
 
 from toolkit.pipeline import run_recipe
 from toolkit.recipe import RecipeError, load_recipe
 from toolkit.stages.distill import spaced_layers
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def four_layer_teacher(tiny_model, tmp_path) -> Path:
@@ -133,13 +129,7 @@ def test_two_process_distillation_under_accelerate_launch(toy_recipe, write_reci
         {"type": "prune", "heads_per_layer": 2, "importance_batches": 2, "recover_epochs": 1, "batch_size": 16},
         distill_stage(student={"num_layers": 1}, hidden_mse_weight=1.0, attention_mse_weight=1.0, epochs=4),
     ]
-    path = write_recipe(toy_recipe)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "toolkit", "run", str(path)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launch_two_processes(write_recipe(toy_recipe), tmp_path)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     for name in ("prune", "distill"):
         assert manifest["stages"][name]["status"] == "done"
