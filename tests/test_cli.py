@@ -93,3 +93,6 @@ def test_ci_recipe_end_to_end(tmp_path):
     assert manifest["data"]["counts"] == {"train": 400, "validation": 100, "test": 200}
     assert manifest["data"]["label_names"] == ["fresh", "rotten"]
     assert train["evaluation"]["accuracy"] > 0.65  # well above the 58% majority class after a few hundred examples
+    prune, distill = manifest["stages"]["prune"], manifest["stages"]["distill"]
+    assert prune["info"]["heads_per_layer"] == [8] * 6 and prune["info"]["ffn_size"] == 1024
+    assert distill["info"]["student_layers"] == 3 and distill["status"] == "done"

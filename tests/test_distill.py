@@ -137,3 +137,17 @@ def test_two_process_distillation_under_accelerate_launch(toy_recipe, write_reci
     assert distill["info"]["num_processes"] == 2
     assert manifest["stages"]["prune"]["info"]["recovery"]["num_processes"] == 2
     assert distill["evaluation"]["accuracy"] >= 0.8, distill["evaluation"]
+
+
+def test_base_chinese_recipe_validates_offline(tmp_path):
+    """The users' base-size recipe names a Hub teacher (not fetched while validating) and reads their TSV format
+    from the shipped samples."""
+    from toolkit.data import prepare_data
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "recipes" / "base-chinese.yaml")
+    assert recipe.model.name == "bert-base-chinese"
+    assert [s.type for s in recipe.stages] == ["train", "prune", "distill"]
+    data = prepare_data(recipe.data, tmp_path)
+    assert data.label_names == ["negative", "positive"]
+    assert set(data.labels("train")) == {0, 1} and "电影" in data.texts("train")[0]
