@@ -82,8 +82,16 @@ def measure(name: str, predictor: Predictor, data: PreparedData, speed: SpeedCon
     accuracy = float((logits.argmax(-1) == data.labels("test")).mean())
     timing = measure_speed(predictor.logits, texts, speed, predictor.threads)
     size = weights_size(Path(predictor.path))
-    print(f"  {name}: accuracy {accuracy:.4f}, p50 {timing['latency_p50_ms']:.2f} ms, {timing['throughput_per_s']:.0f}/s")
-    return {"model": name, "accuracy": accuracy, **timing, "size_mb": size / 1e6, "parameters": predictor.num_parameters}
+    print(
+        f"  {name}: accuracy {accuracy:.4f}, p50 {timing['latency_p50_ms']:.2f} ms, {timing['throughput_per_s']:.0f}/s"
+    )
+    return {
+        "model": name,
+        "accuracy": accuracy,
+        **timing,
+        "size_mb": size / 1e6,
+        "parameters": predictor.num_parameters,
+    }
 
 
 def main() -> None:
@@ -112,8 +120,10 @@ def main() -> None:
             ("student 3L pruned PyTorch FP32", student, PREDICTORS["pytorch"]),
             ("student 3L pruned ONNX INT8", int8, onnx_loader),
         ):
-            predictor = loader(path, args.max_length, args.threads) if loader is not PREDICTORS["pytorch"] else (
-                load_predictor(path, "pytorch", args.max_length, args.threads)
+            predictor = (
+                loader(path, args.max_length, args.threads)
+                if loader is not PREDICTORS["pytorch"]
+                else (load_predictor(path, "pytorch", args.max_length, args.threads))
             )
             rows.append(measure(name, predictor, data, speed))
             del predictor
@@ -125,7 +135,9 @@ def main() -> None:
 def report(rows: list[dict], threads: int, n: int) -> None:
     teacher = rows[0]
     print(f"\n{n} test texts, {threads} threads, max length 64; speed-ups against the PyTorch FP32 teacher")
-    header = f"{'model':32} {'acc %':>7} {'Δ pts':>7} {'b1 p50 ms':>10} {'b1 x':>6} {'b32 /s':>8} {'b32 x':>6} {'MB':>6}"
+    header = (
+        f"{'model':32} {'acc %':>7} {'Δ pts':>7} {'b1 p50 ms':>10} {'b1 x':>6} {'b32 /s':>8} {'b32 x':>6} {'MB':>6}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
