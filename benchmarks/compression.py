@@ -16,11 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from toolkit.data import PreparedData  # noqa: E402
-from toolkit.evaluation import measure_speed  # noqa: E402
+from toolkit.evaluation import measure_speed, parity  # noqa: E402
 from toolkit.predictors import PREDICTORS, Predictor, load_predictor, weights_size  # noqa: E402
 from toolkit.recipe import SpeedConfig  # noqa: E402
 
@@ -52,31 +54,46 @@ class OnnxPredictor(Predictor):
     def num_parameters(self) -> int:
         import onnx
 
-        return sum(int(__import__("numpy").prod(t.dims)) for t in onnx.load(str(self.model_file)).graph.initializer)
+        return sum(int(np.prod(t.dims)) for t in onnx.load(str(self.model_file)).graph.initializer)
 
 
-def int8_student(run: Path, student: Path, work: Path) -> tuple[Path, str]:
-    """The run's quantized model if its recipe made one, else the student exported and quantized here."""
+def int8_student(run: Path, student: Path, work: Path, fuse: bool) -> tuple[Path, str]:
+    """The run's quantized model if its recipe made one, else the student exported, fused (ORTOptimizer O2) and
+    quantized (ORTQuantizer, dynamic INT8) here."""
     manifest = json.loads((run / "manifest.json").read_text())
     for name, entry in manifest.get("stages", {}).items():
         if entry.get("type") == "quantize" and entry.get("status") == "done" and entry.get("output"):
             return Path(entry["output"]["path"]), f"run stage {name!r}"
-    from onnxruntime import get_available_providers  # noqa: F401  (fails early when ORT is missing)
     from optimum.onnxruntime import ORTModelForSequenceClassification, ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
+    from transformers import AutoTokenizer
 
     ORTModelForSequenceClassification.from_pretrained(student, export=True).save_pretrained(work / "onnx")
-    quantizer = ORTQuantizer.from_pretrained(work / "onnx")
+    source = fused(work / "onnx", work / "fused") if fuse else work / "onnx"
+    quantizer = ORTQuantizer.from_pretrained(source, file_name=next(source.glob("*.onnx")).name)
     vnni = "avx512_vnni" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
     config = (AutoQuantizationConfig.avx512_vnni if vnni else AutoQuantizationConfig.avx2)(is_static=False)
     quantizer.quantize(save_dir=work / "int8", quantization_config=config)
-    from transformers import AutoTokenizer
-
     AutoTokenizer.from_pretrained(student).save_pretrained(work / "int8")
-    return work / "int8", f"exported + ORTQuantizer dynamic INT8 ({'avx512_vnni' if vnni else 'avx2'}) here"
+    steps = "exported, fused (O2), " if fuse else "exported, "
+    return work / "int8", steps + f"ORTQuantizer dynamic INT8 ({'avx512_vnni' if vnni else 'avx2'}) here"
 
 
-def measure(name: str, predictor: Predictor, data: PreparedData, speed: SpeedConfig) -> dict:
+def fused(onnx_dir: Path, out: Path) -> Path:
+    """ORTOptimizer O2 fusion, then symbolic shape inference: dynamic quantization of a fused graph fails
+    without it ("Unable to find data type for weight_name")."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    from optimum.onnxruntime import ORTOptimizer
+    from optimum.onnxruntime.configuration import OptimizationConfig
+
+    ORTOptimizer.from_pretrained(onnx_dir).optimize(OptimizationConfig(optimization_level=2), save_dir=out)
+    model_file = next(out.glob("*.onnx"))
+    onnx.save(SymbolicShapeInference.infer_shapes(onnx.load(str(model_file)), auto_merge=True), str(model_file))
+    return out
+
+
+def measure(name: str, predictor: Predictor, data: PreparedData, speed: SpeedConfig) -> tuple[dict, np.ndarray]:
     texts = data.texts("test")
     logits = predictor.logits_batched(texts, 64)
     accuracy = float((logits.argmax(-1) == data.labels("test")).mean())
@@ -85,13 +102,8 @@ def measure(name: str, predictor: Predictor, data: PreparedData, speed: SpeedCon
     print(
         f"  {name}: accuracy {accuracy:.4f}, p50 {timing['latency_p50_ms']:.2f} ms, {timing['throughput_per_s']:.0f}/s"
     )
-    return {
-        "model": name,
-        "accuracy": accuracy,
-        **timing,
-        "size_mb": size / 1e6,
-        "parameters": predictor.num_parameters,
-    }
+    row = {"model": name, "accuracy": accuracy, **timing, "size_mb": size / 1e6, "parameters": predictor.num_parameters}
+    return row, logits
 
 
 def main() -> None:
@@ -103,6 +115,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--latency-samples", type=int, default=300)
     parser.add_argument("--throughput-samples", type=int, default=1024)
+    parser.add_argument("--no-fuse", action="store_true", help="quantize the plain export, without O2 fusion")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     speed = SpeedConfig(threads=args.threads, warmup=20, latency_samples=args.latency_samples,
@@ -110,9 +123,9 @@ def main() -> None:
     meta = json.loads((args.run / "data" / "meta.json").read_text())
     data = PreparedData(args.run / "data", meta["label_names"], meta["fingerprint"])
     student = args.run / args.student
-    rows = []
+    rows, outputs = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        int8, origin = int8_student(args.run, student, Path(tmp))
+        int8, origin = int8_student(args.run, student, Path(tmp), not args.no_fuse)
         print(f"INT8 student: {origin}")
         onnx_loader = PREDICTORS.get("onnx", OnnxPredictor)
         for name, path, loader in (
@@ -125,7 +138,13 @@ def main() -> None:
                 if loader is not PREDICTORS["pytorch"]
                 else (load_predictor(path, "pytorch", args.max_length, args.threads))
             )
-            rows.append(measure(name, predictor, data, speed))
+            row, logits = measure(name, predictor, data, speed)
+            if outputs:
+                # INT8 against FP32 student, FP32 student against teacher: what each step changed.
+                row["parity_with_previous"] = parity(logits, outputs[-1])
+                print(f"    argmax agreement with the row above: {row['parity_with_previous']['agreement']:.4f}")
+            rows.append(row)
+            outputs.append(logits)
             del predictor
     report(rows, args.threads, len(data.texts("test")))
     if args.json:

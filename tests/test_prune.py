@@ -146,3 +146,15 @@ def test_prune_stage_in_pipeline(toy_recipe, write_recipe, tmp_path):
     assert pruning.head_counts(model) == [2, 2] and pruning.ffn_sizes(model) == [40, 40]
     assert entry["evaluation"]["accuracy"] >= 0.85, entry["evaluation"]
     assert entry["evaluation"]["parity"]["n"] == entry["evaluation"]["n"]
+
+
+def test_targets_keep_at_least_one_head_and_respect_uneven_layers(tiny_model):
+    from toolkit.stages.prune import PruneConfig, targets
+
+    model = classifier(tiny_model)
+    pruning.keep_heads(model, [[0, 1, 2, 3], [1]])  # uneven: 4 heads, then 1
+    tiny = PruneConfig(type="prune", heads_per_layer=0.01)
+    assert targets(tiny, model) == ([1, 1], 64)
+    assert targets(PruneConfig(type="prune", heads_per_layer=2, ffn_size=0.5), model) == ([2, 1], 32)
+    with pytest.raises(ValueError, match="more than the model has"):
+        targets(PruneConfig(type="prune", heads_per_layer=5), model)
