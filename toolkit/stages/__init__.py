@@ -14,7 +14,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from toolkit.stages import package, train
+from toolkit.stages import package, push, train
 from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
 
 
@@ -30,6 +30,7 @@ class Stage:
 REGISTRY: dict[str, Stage] = {
     "train": Stage(train.TrainConfig, train.run, distributed=True),
     "package": Stage(package.PackageConfig, package.run, after_selection=True),
+    "push": Stage(push.PushConfig, push.run, after_selection=True),
 }
 
 _configs = tuple(stage.config for stage in REGISTRY.values())
