@@ -101,11 +101,14 @@ BAD = [
 def test_service_answers_rejects_bad_input_and_batches(packaged_onnx, tmp_path):
     expected_ids, expected_probs = reference(packaged_onnx, TEXTS)
     with serving(LIMITS, log=tmp_path / "serve.log") as url:
-        for text, cat, prob in zip(TEXTS, expected_ids, expected_probs):
+        for text, cat, prob in zip(TEXTS, expected_ids, expected_probs, strict=True):
             response = post(url, "classify", {"text": text})
             assert response.status_code == 200, response.text
-            assert response.json() == {"categories": cat, "probabilities": pytest.approx(prob, abs=1e-5),
-                                       "label": LABELS[cat]}
+            assert response.json() == {
+                "categories": cat,
+                "probabilities": pytest.approx(prob, abs=1e-5),
+                "label": LABELS[cat],
+            }
 
         response = post(url, "classify_batch", {"text": TEXTS})
         assert response.status_code == 200, response.text

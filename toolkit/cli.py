@@ -108,8 +108,10 @@ def push(
         _fail(f"error: --repo-id must look like user/name, got {repo_id!r}")
     try:
         upload = plan_upload(run_dir, repo_id)
-        typer.echo(f"{'would upload' if dry_run else 'uploading'} to {repo_id} ({upload.artifact.stage}, "
-                   f"{upload.artifact.format}{', private' if private else ''}):")
+        typer.echo(
+            f"{'would upload' if dry_run else 'uploading'} to {repo_id} ({upload.artifact.stage}, "
+            f"{upload.artifact.format}{', private' if private else ''}):"
+        )
         for line in upload.listing():
             typer.echo(f"  {line}")
         if not dry_run:

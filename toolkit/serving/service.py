@@ -1,11 +1,11 @@
 """The BentoML service: `bentoml serve` in the project root serves the newest packaged toolkit model, or the
 one TOOLKIT_MODEL names (`name` or `name:version`).
 
-Two services: `Classifier` is the public HTTP API (validation, response shapes, no model); `Model` holds the
-model, one runtime per worker, behind an adaptively batched method, so that concurrent single-text requests
-and small batch requests are merged into one model call (bounded by TOOLKIT_MAX_BATCH_SIZE texts and
-TOOLKIT_MAX_LATENCY_MS). Limits on input come from the environment:
-TOOLKIT_MAX_BATCH (texts per batch request, default 64) and TOOLKIT_MAX_CHARS (characters per text, 2000).
+One service, one model runtime per worker. Requests that arrive while the model is busy are merged into the next
+model call (`MicroBatcher`, at most TOOLKIT_MAX_BATCH_SIZE texts): BentoML's own `batchable=True` needs a second
+service for a single-text API, and that inter-service hop answered 503 ("process is overloaded") and dropped
+connections under 32 concurrent clients here. Limits on input come from the environment: TOOLKIT_MAX_BATCH
+(texts per batch request, default 64) and TOOLKIT_MAX_CHARS (characters per text, default 2000).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pydantic import AfterValidator, BaseModel, Field
 MAX_BATCH = int(os.environ.get("TOOLKIT_MAX_BATCH", "64"))
 MAX_CHARS = int(os.environ.get("TOOLKIT_MAX_CHARS", "2000"))
 MAX_BATCH_SIZE = int(os.environ.get("TOOLKIT_MAX_BATCH_SIZE", str(max(64, MAX_BATCH))))
-MAX_LATENCY_MS = int(os.environ.get("TOOLKIT_MAX_LATENCY_MS", "50"))
 WORKERS = int(os.environ.get("TOOLKIT_WORKERS", "1"))
 TIMEOUT_S = int(os.environ.get("TOOLKIT_TIMEOUT_S", "60"))
 
@@ -60,43 +59,27 @@ class Batch(BaseModel):
 
 
 @bentoml.service(workers=WORKERS, traffic={"timeout": TIMEOUT_S})
-class Model:
+class Classifier:
     bento_model = bentoml.models.BentoModel(latest_model_tag())
 
     def __init__(self) -> None:
-        from toolkit.serving.runtime import Classifier, cpu_threads
+        from toolkit.serving.batching import MicroBatcher
+        from toolkit.serving.runtime import Classifier as Runtime
+        from toolkit.serving.runtime import cpu_threads
 
         # Workers share the cores: each gets its part for ONNX Runtime's intra-op threads.
-        self.runtime = Classifier(self.bento_model.path, max(1, cpu_threads() // WORKERS))
+        self.runtime = Runtime(self.bento_model.path, max(1, cpu_threads() // WORKERS))
         self.labels = self.runtime.labels
+        self.batcher = MicroBatcher(self._predict_batch, MAX_BATCH_SIZE)
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def predict(self, texts: list[str]) -> list[tuple[int, float]]:
+    def _predict_batch(self, texts: list[str]) -> list[tuple[int, float]]:
         ids, probs = self.runtime.predict(texts)
-        return list(zip(ids, probs))
-
-    @bentoml.api
-    def labels_(self) -> list[str]:
-        return self.labels
-
-
-@bentoml.service(traffic={"timeout": TIMEOUT_S})
-class Classifier:
-    model = bentoml.depends(Model)
-
-    def __init__(self) -> None:
-        self.labels: list[str] | None = None
-
-    async def _label_names(self) -> list[str]:
-        if self.labels is None:
-            self.labels = await self.model.to_async.labels_()
-        return self.labels
+        return list(zip(ids, probs, strict=True))
 
     async def _predict(self, texts: list[str]) -> tuple[list[int], list[float], list[str]]:
-        pairs = await self.model.to_async.predict(texts)
-        names = await self._label_names()
-        ids = [int(i) for i, _ in pairs]
-        return ids, [float(p) for _, p in pairs], [names[i] for i in ids]
+        pairs = await self.batcher.submit(texts)
+        ids = [i for i, _ in pairs]
+        return ids, [p for _, p in pairs], [self.labels[i] for i in ids]
 
     @bentoml.api
     async def classify(self, text: Text) -> Single:
