@@ -84,8 +84,14 @@ class OnnxModel:
 
 class TorchModel:
     def __init__(self, folder: Path, threads: int):
-        import torch
-        from transformers import AutoModelForSequenceClassification
+        try:
+            import torch
+            from transformers import AutoModelForSequenceClassification
+        except ImportError as exc:
+            raise ImportError(
+                f"{folder} holds a PyTorch model, which needs torch and transformers; the CPU bento ships only "
+                "ONNX Runtime: build with `bentoml build -f bentofile-gpu.yaml` or select an ONNX stage"
+            ) from exc
 
         torch.set_num_threads(threads)
         self.device = "cuda" if use_cuda() and torch.cuda.is_available() else "cpu"
