@@ -89,3 +89,32 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder (holds man
     if not (run_dir / MANIFEST).is_file():
         _fail(f"error: {run_dir} has no {MANIFEST}; pass the run folder of a `toolkit run`")
     _console().print(terminal_table(Manifest.load(run_dir)))
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder whose manifest has a selected model.")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub repository, user/name.", show_default=False)],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; upload nothing.")] = False,
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+) -> None:
+    """Upload the run's selected model with a generated model card. Token: HF_TOKEN or `hf auth login`."""
+    import re
+
+    from toolkit.hub import REPO_ID, HubError, plan_upload
+    from toolkit.hub import push as push_upload
+
+    if not re.match(REPO_ID, repo_id):
+        _fail(f"error: --repo-id must look like user/name, got {repo_id!r}")
+    try:
+        upload = plan_upload(run_dir, repo_id)
+        typer.echo(
+            f"{'would upload' if dry_run else 'uploading'} to {repo_id} ({upload.artifact.stage}, "
+            f"{upload.artifact.format}{', private' if private else ''}):"
+        )
+        for line in upload.listing():
+            typer.echo(f"  {line}")
+        if not dry_run:
+            typer.echo(f"done: {push_upload(upload, private)}")
+    except HubError as exc:
+        _fail(f"error: {exc}")

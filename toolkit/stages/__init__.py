@@ -14,7 +14,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from toolkit.stages import distill, prune, train
+from toolkit.stages import distill, package, prune, push, train
 from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
 
 
@@ -31,6 +31,8 @@ REGISTRY: dict[str, Stage] = {
     "train": Stage(train.TrainConfig, train.run, distributed=True),
     "prune": Stage(prune.PruneConfig, prune.run, distributed=True),
     "distill": Stage(distill.DistillConfig, distill.run, distributed=True),
+    "package": Stage(package.PackageConfig, package.run, after_selection=True),
+    "push": Stage(push.PushConfig, push.run, after_selection=True),
 }
 
 _configs = tuple(stage.config for stage in REGISTRY.values())

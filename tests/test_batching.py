@@ -1,0 +1,48 @@
+"""The service's micro-batcher: concurrent requests share model calls, answers stay in order, errors reach all."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from toolkit.serving.batching import MicroBatcher
+
+
+def slow_upper(texts: list[str]) -> list[str]:
+    time.sleep(0.02)
+    return [t.upper() for t in texts]
+
+
+def test_concurrent_requests_are_merged_and_answered_in_order():
+    batcher = MicroBatcher(slow_upper, max_batch_size=8)
+
+    async def main():
+        singles = [batcher.submit([f"t{i}"]) for i in range(30)]
+        return await asyncio.gather(*singles, batcher.submit(["a", "b", "c"]))
+
+    answers = asyncio.run(main())
+    assert answers[:30] == [[f"T{i}"] for i in range(30)]
+    assert answers[30] == ["A", "B", "C"]
+    assert sum(batcher.batches) == 33 and max(batcher.batches) <= 8
+    assert len(batcher.batches) < 10  # 33 texts in a handful of model calls, not 31
+
+
+def test_a_failing_model_call_fails_its_requests_and_the_next_call_works():
+    calls = []
+
+    def flaky(texts):
+        calls.append(texts)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return texts
+
+    batcher = MicroBatcher(flaky, max_batch_size=4)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.submit(["x"])
+        return await batcher.submit(["y"])
+
+    assert asyncio.run(main()) == ["y"]

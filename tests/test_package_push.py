@@ -1,0 +1,124 @@
+"""A real tiny recipe run (train -> package): the model store holds the selected PyTorch model, the service
+serves it, and `toolkit push` uploads it with a card (only the Hub's HTTP calls are replaced)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+from typer.testing import CliRunner
+
+from toolkit.cli import app
+from toolkit.pipeline import run_recipe
+from toolkit.recipe import load_recipe
+
+TOKEN = "hf_testsecretTOKEN0123456789"
+
+
+@pytest.fixture
+def packaged_run(toy_recipe, write_recipe, tmp_path):
+    toy_recipe["stages"].append({"type": "package", "model_name": "toy-pt"})
+    manifest = run_recipe(load_recipe(write_recipe(toy_recipe)))
+    return tmp_path / "run", manifest
+
+
+@pytest.mark.slow
+def test_recipe_packages_pytorch_and_service_serves_it(packaged_run, tmp_path):
+    import bentoml
+
+    from toolkit.predictors import PyTorchPredictor
+    from toolkit.serving.launch import serving
+
+    run_dir, manifest = packaged_run
+    info = manifest.stage("package")["info"]
+    assert info["format"] == "pytorch" and info["stage"] == "train" and info["tag"].startswith("toy-pt:")
+    stored = bentoml.models.get(info["tag"])
+    assert stored.info.labels["toolkit"] == "classifier"
+    assert stored.info.metadata["labels"] == ["negative", "positive"]
+    assert stored.info.metadata["evaluation"]["accuracy"] == manifest.stage("train")["evaluation"]["accuracy"]
+    assert (stored.path_of("model.safetensors")) and (run_dir / "train" / "model.safetensors").is_file()
+
+    texts = ["the movie was great", "awful and dull", "a superb story", "the plot was poor"]
+    own = PyTorchPredictor(run_dir / "train", 16, 1).logits(texts).argmax(-1).tolist()
+    with serving(log=tmp_path / "serve.log") as url:  # no TOOLKIT_MODEL: the newest packaged model
+        answer = requests.post(f"{url}/classify_batch", json={"text": texts}, timeout=30).json()
+        single = requests.post(f"{url}/classify", json={"text": texts[0]}, timeout=30).json()
+    assert answer["categories"] == own
+    assert answer["labels"] == [["negative", "positive"][i] for i in own]
+    assert single["categories"] == own[0]
+
+
+class FakeCommit:
+    commit_url = "https://huggingface.co/user/toy/commit/abc"
+
+
+def test_push_uploads_files_and_card_without_leaking_the_token(toy_recipe, write_recipe, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, constants
+
+    run_recipe(load_recipe(write_recipe(toy_recipe)))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", (repo_id, kw)))
+
+    def create_commit(self, repo_id, operations, **kw):
+        calls["files"] = {op.path_in_repo: op for op in operations}
+        return FakeCommit()
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    runner = CliRunner()
+    dry = runner.invoke(app, ["push", str(tmp_path / "run"), "--repo-id", "user/toy", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "calls" not in calls and "repo" not in calls
+    listed = {line.split()[0] for line in dry.output.splitlines()[1:]}
+
+    result = runner.invoke(app, ["push", str(tmp_path / "run"), "--repo-id", "user/toy", "--private"])
+    assert result.exit_code == 0, result.output
+    assert calls["repo"] == ("user/toy", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert set(calls["files"]) == listed
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= listed
+    card = calls["files"]["README.md"].path_or_fileobj.decode()
+    assert card.startswith("---\npipeline_tag: text-classification")
+    assert "`negative`, `positive`" in card and "| train | train |" in card
+    assert "AutoModelForSequenceClassification" in card and "/classify" in card and "name: toy" in card
+    for text in (dry.output, result.output, card):
+        assert TOKEN not in text
+    config = json.loads((tmp_path / "run" / "train" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "positive"}
+
+
+def test_push_failures_are_one_clear_line(toy_recipe, write_recipe, tmp_path, monkeypatch):
+    import requests as http
+    from huggingface_hub import HfApi, constants
+
+    run_recipe(load_recipe(write_recipe(toy_recipe)))
+    runner = CliRunner()
+    args = ["push", str(tmp_path / "run"), "--repo-id", "user/toy"]
+    offline = runner.invoke(app, args)  # conftest sets HF_HUB_OFFLINE=1
+    assert offline.exit_code == 1 and "HF_HUB_OFFLINE" in offline.output and "Traceback" not in offline.output
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("toolkit.hub._stored_token", lambda: None)
+    no_token = runner.invoke(app, args)
+    assert no_token.exit_code == 1 and "no Hugging Face token" in no_token.output
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr("toolkit.hub._stored_token", lambda: TOKEN)
+
+    def unreachable(self, *a, **kw):
+        raise http.ConnectionError(f"Failed to resolve huggingface.co (token {TOKEN})")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    failed = runner.invoke(app, args)
+    assert failed.exit_code == 1, failed.output
+    assert "upload to user/toy failed: ConnectionError" in failed.output
+    assert TOKEN not in failed.output and "Traceback" not in failed.output
+
+    missing = runner.invoke(app, ["push", str(tmp_path), "--repo-id", "user/toy"])
+    assert missing.exit_code == 1 and "no selected model" in missing.output
+    bad = runner.invoke(app, args[:2] + ["--repo-id", "not a repo"])
+    assert bad.exit_code == 1 and "user/name" in bad.output

@@ -1,0 +1,135 @@
+"""The real `bentoml serve` on a loopback port with a tiny packaged model: answers, bad input, concurrency."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from toolkit.serving.launch import serving
+from toolkit.stages.base import Artifact
+
+LABELS = ["negative", "positive"]
+MAX_LENGTH = 16
+LIMITS = {"TOOLKIT_MAX_BATCH": "8", "TOOLKIT_MAX_CHARS": "300"}
+
+
+def classifier_folder(tiny_model: Path, dest: Path) -> Path:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=2, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}
+    )
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(dest)
+    return dest
+
+
+def onnx_folder(pytorch: Path, dest: Path) -> Path:
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    ORTModelForSequenceClassification.from_pretrained(pytorch, export=True).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(pytorch).save_pretrained(dest)
+    return dest
+
+
+def reference(folder: Path, texts: list[str]) -> tuple[list[int], list[float]]:
+    """The model's own predictions, through Optimum (not the service's runtime)."""
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = ORTModelForSequenceClassification.from_pretrained(folder)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
+    logits = model(**batch).logits
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    ids = probs.argmax(-1)
+    return ids.tolist(), probs[np.arange(len(ids)), ids].tolist()
+
+
+@pytest.fixture
+def packaged_onnx(tiny_model, tmp_path) -> Path:
+    from toolkit.stages.package import save_to_store
+
+    folder = onnx_folder(classifier_folder(tiny_model, tmp_path / "pt"), tmp_path / "onnx")
+    meta = {"format": "onnx", "stage": "quantize", "labels": LABELS, "max_length": MAX_LENGTH, "recipe": "toy"}
+    save_to_store("toy-onnx", Artifact(folder, "onnx", "quantize"), meta)
+    return folder
+
+
+def post(url: str, path: str, body) -> requests.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body)
+    return requests.post(f"{url}/{path}", data=data, headers={"Content-Type": "application/json"}, timeout=30)
+
+
+TEXTS = [
+    "the movie was great",
+    "awful plot and dull actor",
+    "a lovely story",
+    "bad",
+    " ".join(["very"] * 50) + " superb",  # longer than the model: truncated, not an error
+]
+
+BAD = [
+    ("classify", {}, "Field required"),
+    ("classify", {"texts": "x"}, "Field required"),
+    ("classify", {"text": 5}, "valid string"),
+    ("classify", {"text": ["a"]}, "valid string"),
+    ("classify", {"text": ""}, "text is empty"),
+    ("classify", {"text": "   "}, "text is empty"),
+    ("classify", {"text": "x" * 301}, "at most 300 characters"),
+    ("classify", b'{"text": ', "Invalid JSON"),
+    ("classify", b"not json", "Invalid JSON"),
+    ("classify", b'{"text": "caf\xe9"}', "Invalid JSON"),
+    ("classify", b"\xff\xfe\x00", "Invalid JSON"),
+    ("classify_batch", {"text": []}, "at least 1 item"),
+    ("classify_batch", {"text": "one"}, "valid array"),
+    ("classify_batch", {"text": ["ok", 3]}, "valid string"),
+    ("classify_batch", {"text": ["ok", ""]}, "text is empty"),
+    ("classify_batch", {"text": ["a"] * 9}, "at most 8 items"),
+    ("classify_batch", {"text": ["a", "x" * 301]}, "at most 300 characters"),
+    ("classify_batch", {}, "Field required"),
+]
+
+
+@pytest.mark.slow
+def test_service_answers_rejects_bad_input_and_batches(packaged_onnx, tmp_path):
+    expected_ids, expected_probs = reference(packaged_onnx, TEXTS)
+    with serving(LIMITS, log=tmp_path / "serve.log") as url:
+        for text, cat, prob in zip(TEXTS, expected_ids, expected_probs, strict=True):
+            response = post(url, "classify", {"text": text})
+            assert response.status_code == 200, response.text
+            assert response.json() == {
+                "categories": cat,
+                "probabilities": pytest.approx(prob, abs=1e-5),
+                "label": LABELS[cat],
+            }
+
+        response = post(url, "classify_batch", {"text": TEXTS})
+        assert response.status_code == 200, response.text
+        assert response.json() == {
+            "categories": expected_ids,
+            "probabilities": pytest.approx(expected_probs, abs=1e-5),
+            "labels": [LABELS[i] for i in expected_ids],
+        }
+
+        for path, body, message in BAD:
+            response = post(url, path, body)
+            assert 400 <= response.status_code < 500, (path, body, response.status_code, response.text)
+            assert message in response.text, (path, body, response.text)
+
+        many = [TEXTS[i % len(TEXTS)] for i in range(50)]
+        with ThreadPoolExecutor(50) as pool:
+            answers = list(pool.map(lambda t: post(url, "classify", {"text": t}), many))
+        assert [a.status_code for a in answers] == [200] * 50
+        assert [a.json()["categories"] for a in answers] == [expected_ids[i % len(TEXTS)] for i in range(50)]
+
+        for probe in ("livez", "readyz", "metrics"):
+            assert requests.get(f"{url}/{probe}", timeout=10).status_code == 200
+        metrics = requests.get(f"{url}/metrics", timeout=10).text
+        assert "bentoml_service_request_total" in metrics

@@ -1,0 +1,171 @@
+"""Push a run's selected model to the Hugging Face Hub with a generated model card.
+
+The token is never an argument: huggingface_hub reads HF_TOKEN or the stored `huggingface-cli login`, and no
+message written here contains it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from toolkit.manifest import MANIFEST, Manifest
+from toolkit.serving.bundle import model_files
+from toolkit.stages.base import Artifact
+
+REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class HubError(RuntimeError):
+    """A push that cannot be done or failed; the message says why and what to do."""
+
+
+@dataclass
+class Upload:
+    repo_id: str
+    artifact: Artifact
+    files: list[tuple[str, Path]]  # (path in the repo, local file)
+    card: str
+
+    def listing(self) -> list[str]:
+        rows = [f"{name}  ({path.stat().st_size:,} bytes)" for name, path in self.files]
+        return [*rows, f"README.md  ({len(self.card.encode()):,} bytes, generated model card)"]
+
+
+def plan_upload(run_dir: Path, repo_id: str) -> Upload:
+    manifest = Manifest.load(run_dir)
+    selection = manifest.data.get("selection")
+    if not (Path(run_dir) / MANIFEST).is_file() or not selection:
+        raise HubError(f"{run_dir} has no selected model (no {MANIFEST} with a selection); run the recipe first")
+    artifact = Artifact.from_json(selection["artifact"])
+    folder = Path(artifact.path)
+    if not folder.is_dir():
+        raise HubError(f"the selected model's folder {folder} is missing; re-run the recipe")
+    files = [(rel.as_posix(), folder / rel) for rel in model_files(folder) if rel.name != "README.md"]
+    return Upload(repo_id, artifact, files, model_card(manifest, artifact, repo_id))
+
+
+def _scrub(message: str) -> str:
+    token = os.environ.get("HF_TOKEN") or _stored_token()
+    return message.replace(token, "***") if token else message
+
+
+def _stored_token() -> str | None:
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def push(upload: Upload, private: bool = False) -> str:
+    """Create the repo if needed and upload everything in one commit; returns the commit's URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; the environment now is what the user meant.
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise HubError("HF_HUB_OFFLINE is set: the Hub cannot be reached; unset it to push (or use --dry-run)")
+    if not _stored_token():
+        raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (never put it in a recipe)")
+    api = HfApi()
+    operations = [CommitOperationAdd(name, str(path)) for name, path in upload.files]
+    operations.append(CommitOperationAdd("README.md", upload.card.encode()))
+    try:
+        api.create_repo(upload.repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.create_commit(
+            upload.repo_id,
+            operations,
+            commit_message=f"toolkit: {upload.artifact.stage} ({upload.artifact.format})",
+        )
+    except Exception as exc:  # network, auth, quota: all end as one clear line
+        raise HubError(_scrub(f"upload to {upload.repo_id} failed: {type(exc).__name__}: {exc}")) from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+def stage_table(manifest: Manifest) -> str:
+    from toolkit.report import stage_rows
+
+    lines = [
+        "| stage | type | accuracy | macro-F1 | Δ acc (pts) | parity | p50 ms | texts/s | size MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in stage_rows(manifest):
+        if row["accuracy"] is None:
+            continue
+        lines.append(
+            f"| {row['stage']} | {row['type']} | {_fmt(row['accuracy'], '{:.4f}')} | {_fmt(row['macro_f1'], '{:.4f}')}"
+            f" | {_fmt(row['accuracy_change_pts'], '{:+.2f}')} | {_fmt(row['parity_agreement'], '{:.4f}')}"
+            f" | {_fmt(row['latency_p50_ms'], '{:.2f}')} | {_fmt(row['throughput_per_s'], '{:.1f}')}"
+            f" | {_fmt(row['size_mb'], '{:.1f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def model_card(manifest: Manifest, artifact: Artifact, repo_id: str) -> str:
+    data = manifest.data.get("data", {})
+    labels = data.get("label_names", [])
+    recipe = manifest.data.get("recipe", {})
+    onnx = artifact.format == "onnx"
+    metadata = {
+        "pipeline_tag": "text-classification",
+        "library_name": "optimum" if onnx else "transformers",
+        "tags": ["text-classification", "toolkit", *(["onnx"] if onnx else [])],
+        "model-index": [{"name": repo_id.split("/")[-1], "results": []}],
+    }
+    selection = manifest.data.get("selection", {})
+    loader = (
+        "from optimum.onnxruntime import ORTModelForSequenceClassification\n"
+        f'model = ORTModelForSequenceClassification.from_pretrained("{repo_id}")'
+        if onnx
+        else "from transformers import AutoModelForSequenceClassification\n"
+        f'model = AutoModelForSequenceClassification.from_pretrained("{repo_id}")'
+    )
+    return f"""---
+{yaml.safe_dump(metadata, sort_keys=False).strip()}
+---
+
+# {repo_id.split("/")[-1]}
+
+Text classification ({len(labels)} labels: {", ".join(f"`{n}`" for n in labels)}), built by toolkit from the recipe
+`{recipe.get("name", "?")}`. Selected stage: `{artifact.stage}` ({artifact.format}); {selection.get("reason", "")}.
+
+## Data
+
+Source: `{data.get("path", "?")}`. Examples per split: {json.dumps(data.get("counts", {}))}.
+
+## Figures per stage
+
+Evaluated on the `{recipe.get("evaluate", {}).get("split", "test")}` split; parity is the argmax agreement with the
+stage's input model; speed is single-text latency and batched throughput on the machine that ran the recipe.
+
+{stage_table(manifest)}
+
+## Use
+
+```python
+from transformers import AutoTokenizer
+{loader}
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+inputs = tokenizer(["what a great film"], truncation=True, max_length={recipe.get("model", {}).get("max_length", 128)}, return_tensors="pt")
+print(model.config.id2label[int(model(**inputs).logits.argmax(-1)[0])])
+```
+
+With the toolkit service (BentoML): package the model (`package` stage), then `bentoml serve` in the toolkit
+project and
+
+```bash
+curl -X POST http://127.0.0.1:3000/classify -H 'Content-Type: application/json' -d '{{"text": "what a great film"}}'
+```
+
+## Recipe
+
+```yaml
+{yaml.safe_dump(recipe, sort_keys=False).strip()}
+```
+"""

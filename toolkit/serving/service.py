@@ -1,0 +1,94 @@
+"""The BentoML service: `bentoml serve` in the project root serves the newest packaged toolkit model, or the
+one TOOLKIT_MODEL names (`name` or `name:version`).
+
+One service, one model runtime per worker. Requests that arrive while the model is busy are merged into the next
+model call (`MicroBatcher`, at most TOOLKIT_MAX_BATCH_SIZE texts): BentoML's own `batchable=True` needs a second
+service for a single-text API, and that inter-service hop answered 503 ("process is overloaded") and dropped
+connections under 32 concurrent clients here. Limits on input come from the environment: TOOLKIT_MAX_BATCH
+(texts per batch request, default 64) and TOOLKIT_MAX_CHARS (characters per text, default 2000).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import bentoml
+from pydantic import AfterValidator, BaseModel, Field
+
+MAX_BATCH = int(os.environ.get("TOOLKIT_MAX_BATCH", "64"))
+MAX_CHARS = int(os.environ.get("TOOLKIT_MAX_CHARS", "2000"))
+MAX_BATCH_SIZE = int(os.environ.get("TOOLKIT_MAX_BATCH_SIZE", str(max(64, MAX_BATCH))))
+WORKERS = int(os.environ.get("TOOLKIT_WORKERS", "1"))
+TIMEOUT_S = int(os.environ.get("TOOLKIT_TIMEOUT_S", "60"))
+
+
+def latest_model_tag() -> str:
+    """TOOLKIT_MODEL, else the newest model in the store that a toolkit `package` stage saved."""
+    if os.environ.get("TOOLKIT_MODEL"):
+        return os.environ["TOOLKIT_MODEL"]
+    models = [m for m in bentoml.models.list() if m.info.labels.get("toolkit") == "classifier"]
+    if not models:
+        raise RuntimeError(
+            "no packaged toolkit model in the BentoML model store "
+            f"({os.environ.get('BENTOML_HOME', '~/bentoml')}): run a recipe with a `package` stage, "
+            "or set TOOLKIT_MODEL=name:version"
+        )
+    return str(max(models, key=lambda m: m.info.creation_time).tag)
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("text is empty (or only whitespace)")
+    return text
+
+
+Text = Annotated[str, Field(max_length=MAX_CHARS), AfterValidator(_not_blank)]
+
+
+class Single(BaseModel):
+    categories: int
+    probabilities: float
+    label: str
+
+
+class Batch(BaseModel):
+    categories: list[int]
+    probabilities: list[float]
+    labels: list[str]
+
+
+@bentoml.service(workers=WORKERS, traffic={"timeout": TIMEOUT_S})
+class Classifier:
+    bento_model = bentoml.models.BentoModel(latest_model_tag())
+
+    def __init__(self) -> None:
+        from toolkit.serving.batching import MicroBatcher
+        from toolkit.serving.runtime import Classifier as Runtime
+        from toolkit.serving.runtime import cpu_threads
+
+        # Workers share the cores: each gets its part for ONNX Runtime's intra-op threads.
+        self.runtime = Runtime(self.bento_model.path, max(1, cpu_threads() // WORKERS))
+        self.labels = self.runtime.labels
+        self.batcher = MicroBatcher(self._predict_batch, MAX_BATCH_SIZE)
+
+    def _predict_batch(self, texts: list[str]) -> list[tuple[int, float]]:
+        ids, probs = self.runtime.predict(texts)
+        return list(zip(ids, probs, strict=True))
+
+    async def _predict(self, texts: list[str]) -> tuple[list[int], list[float], list[str]]:
+        pairs = await self.batcher.submit(texts)
+        ids = [i for i, _ in pairs]
+        return ids, [p for _, p in pairs], [self.labels[i] for i in ids]
+
+    @bentoml.api
+    async def classify(self, text: Text) -> Single:
+        """One text -> its class id, that class's probability and its label."""
+        ids, probs, labels = await self._predict([text])
+        return Single(categories=ids[0], probabilities=probs[0], label=labels[0])
+
+    @bentoml.api
+    async def classify_batch(self, text: Annotated[list[Text], Field(min_length=1, max_length=MAX_BATCH)]) -> Batch:
+        """Several texts -> class ids, probabilities and labels, in input order."""
+        ids, probs, labels = await self._predict(text)
+        return Batch(categories=ids, probabilities=probs, labels=labels)
