@@ -49,6 +49,19 @@ def test_recipe_packages_pytorch_and_service_serves_it(packaged_run, tmp_path):
     assert single["categories"] == own[0]
 
 
+def test_rerun_packages_again_when_the_stored_model_was_deleted(packaged_run, toy_recipe, write_recipe):
+    import bentoml
+
+    run_dir, manifest = packaged_run
+    tag = manifest.stage("package")["info"]["tag"]
+    again = run_recipe(load_recipe(write_recipe(toy_recipe)))
+    assert again.stage("package")["info"]["tag"] == tag  # unchanged and still stored: skipped
+    bentoml.models.delete(tag)
+    renewed = run_recipe(load_recipe(write_recipe(toy_recipe)))
+    new_tag = renewed.stage("package")["info"]["tag"]
+    assert new_tag != tag and bentoml.models.get(new_tag)
+
+
 class FakeCommit:
     commit_url = "https://huggingface.co/user/toy/commit/abc"
 

@@ -150,6 +150,9 @@ class Runner:
         output = entry.get("output")
         if output is not None and not Path(output["path"]).exists():
             return None
+        check = REGISTRY[entry["type"]].still_there
+        if check is not None and not check(entry.get("info", {})):
+            return None
         return StageResult(Artifact.from_json(output) if output else None, entry.get("info", {}))
 
     def _run_or_reuse(self, cfg, ctx: StageContext, stage_fp: str) -> StageResult:

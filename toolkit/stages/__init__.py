@@ -25,13 +25,15 @@ class Stage:
     distributed: bool = False
     # Runs after every model stage and the selection, on the selected model (packaging, pushing).
     after_selection: bool = False
+    # For results kept outside the run folder (the model store): is an earlier result still there?
+    still_there: Callable[[dict], bool] | None = None
 
 
 REGISTRY: dict[str, Stage] = {
     "train": Stage(train.TrainConfig, train.run, distributed=True),
     "prune": Stage(prune.PruneConfig, prune.run, distributed=True),
     "distill": Stage(distill.DistillConfig, distill.run, distributed=True),
-    "package": Stage(package.PackageConfig, package.run, after_selection=True),
+    "package": Stage(package.PackageConfig, package.run, after_selection=True, still_there=package.still_stored),
     "push": Stage(push.PushConfig, push.run, after_selection=True),
 }
 

@@ -37,6 +37,17 @@ def run(cfg: PackageConfig, ctx: StageContext) -> StageResult:
     return StageResult(None, {"tag": tag, "format": selected.format, "stage": selected.stage})
 
 
+def still_stored(info: dict) -> bool:
+    """A re-run may skip packaging only if the stored model has not been deleted since."""
+    import bentoml
+
+    try:
+        bentoml.models.get(info["tag"])
+    except (bentoml.exceptions.NotFound, KeyError):
+        return False
+    return True
+
+
 def save_to_store(name: str, artifact: Artifact, meta: dict) -> str:
     """A new version of `name` in the BentoML model store; the service finds it by the `toolkit` label."""
     import bentoml
