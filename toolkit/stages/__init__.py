@@ -14,7 +14,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from toolkit.stages import train
+from toolkit.stages import export, optimize, quantize, train
 from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
 
 
@@ -29,6 +29,9 @@ class Stage:
 
 REGISTRY: dict[str, Stage] = {
     "train": Stage(train.TrainConfig, train.run, distributed=True),
+    "export": Stage(export.ExportConfig, export.run),
+    "optimize": Stage(optimize.OptimizeConfig, optimize.run),
+    "quantize": Stage(quantize.QuantizeConfig, quantize.run),
 }
 
 _configs = tuple(stage.config for stage in REGISTRY.values())
