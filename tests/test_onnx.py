@@ -87,13 +87,20 @@ def corrupt_logits_layer(folder: Path) -> None:
     onnx.save(model, str(path))
 
 
-def test_broken_optimize_fails_its_gate_and_quantize_starts_from_export(toy_recipe, write_recipe, monkeypatch):
+def break_stage(monkeypatch, kind: str) -> None:
+    """Make a real stage write a model whose logits layer is corrupted."""
+    real = REGISTRY[kind]
+
     def broken(cfg, ctx):
-        result = optimize_stage.run(cfg, ctx)
+        result = real.run(cfg, ctx)
         corrupt_logits_layer(ctx.out_dir)
         return result
 
-    monkeypatch.setitem(REGISTRY, "optimize", Stage(optimize_stage.OptimizeConfig, broken))
+    monkeypatch.setitem(REGISTRY, kind, Stage(real.config, broken))
+
+
+def test_broken_optimize_fails_its_gate_and_quantize_starts_from_export(toy_recipe, write_recipe, monkeypatch):
+    break_stage(monkeypatch, "optimize")
     result, manifest = run_cli(write_recipe(onnx_recipe(toy_recipe)))
     assert result.exit_code == 0, result.output
     optimize = manifest["stages"]["optimize"]
@@ -109,12 +116,7 @@ def test_broken_optimize_fails_its_gate_and_quantize_starts_from_export(toy_reci
 
 
 def test_failed_export_skips_onnx_stages_and_keeps_fine_tuned_model(toy_recipe, write_recipe, monkeypatch):
-    def broken(cfg, ctx):
-        result = export_stage.run(cfg, ctx)
-        corrupt_logits_layer(ctx.out_dir)
-        return result
-
-    monkeypatch.setitem(REGISTRY, "export", Stage(export_stage.ExportConfig, broken))
+    break_stage(monkeypatch, "export")
     result, manifest = run_cli(write_recipe(onnx_recipe(toy_recipe)))
     assert result.exit_code == 0, result.output
     assert manifest["stages"]["export"]["status"] == "failed_gate"
@@ -221,3 +223,26 @@ def test_invalid_onnx_options_fail_validation(toy_recipe, write_recipe, stages, 
     result = CliRunner().invoke(app, ["validate", str(write_recipe(recipe))])
     assert result.exit_code == 1
     assert message in result.output
+
+
+@pytest.mark.slow
+def test_ci_recipe_end_to_end(tmp_path):
+    """recipes/ci.yaml on the real MiniLM and Rotten Tomatoes: every stage passes its gate, INT8 is selected
+    or loses for a recorded reason, and the report holds real figures."""
+    import yaml
+
+    recipe = yaml.safe_load(Path("recipes/ci.yaml").read_text())
+    recipe["output"]["dir"] = str(tmp_path / "run")
+    path = tmp_path / "ci.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    stages = manifest["stages"]
+    assert [stages[s]["status"] for s in ("train", "export", "optimize", "quantize")] == ["done"] * 4
+    assert stages["train"]["evaluation"]["accuracy"] > 0.6
+    assert stages["optimize"]["info"]["fused_ops"]["Attention"] == 6
+    assert stages["quantize"]["evaluation"]["size_bytes"] < stages["export"]["evaluation"]["size_bytes"] / 3
+    selection = manifest["selection"]
+    assert all(record.get("lost") for name, record in selection["candidates"].items() if name != selection["stage"])
+    assert (tmp_path / "run" / "report.html").is_file()
