@@ -81,7 +81,8 @@ def select(manifest: Manifest, recipe: Any) -> dict[str, Any]:
         fig = figures(entry)
         drop = accuracy_drop(fig["accuracy"], base_acc, cfg.drop_mode)
         if entry.get("status") != "done":
-            reasons = [f"status {entry.get('status')}: " + "; ".join((entry.get("gate") or {}).get("reasons", []))]
+            why = (entry.get("gate") or {}).get("reasons") or [entry.get("reason") or "not usable"]
+            reasons = [f"status {entry.get('status')}: " + "; ".join(why)]
         else:
             reasons = constraint_failures(fig, drop, cfg)
             if fig[key] is None:
