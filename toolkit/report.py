@@ -124,13 +124,17 @@ def plot(manifest: Manifest, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     biggest = max((r["size_mb"] or 1.0) for r in rows)
-    for row in rows:
+    for i, row in enumerate(rows):
         area = 60 + 900 * (row["size_mb"] or 0) / biggest
         ax.scatter(row["latency_p50_ms"], 100 * row["accuracy"], s=area, alpha=0.55)
         if row["selected"]:
             ax.scatter(row["latency_p50_ms"], 100 * row["accuracy"], s=area * 1.4, facecolors="none", edgecolors="k")
         size = _fmt(row["size_mb"], "{:.1f} MB")
-        ax.annotate(f"{row['stage']} ({size})", (row["latency_p50_ms"], 100 * row["accuracy"]), fontsize=8)
+        # Staggered labels: stages with equal accuracy and close latency would print over each other.
+        xy = (row["latency_p50_ms"], 100 * row["accuracy"])
+        ax.annotate(
+            f"{row['stage']} ({size})", xy, xytext=(8, 12 - 12 * (i % 3)), textcoords="offset points", fontsize=8
+        )
     ax.set_xlabel("batch-1 latency p50 (ms)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy vs latency (marker area: size on disk; ring: selected)")
