@@ -36,7 +36,7 @@ def stage_paths(manifest: Manifest) -> dict[str, tuple[str, str]]:
     found: dict[str, tuple[str, str]] = {}
     for label, kind in VARIANTS:
         for _, entry in manifest.ordered():
-            if entry.get("type") == kind and entry.get("status") == "done" and entry.get("output"):
+            if entry.get("type") == kind and entry.get("status") in ("done", "failed_gate") and entry.get("output"):
                 found[label] = (entry["output"]["path"], entry["output"]["format"])
                 break
         else:
