@@ -63,7 +63,6 @@ def run(
     parsed = _load(recipe)
     from toolkit.data import DataError
     from toolkit.pipeline import PlanError, StageError, run_recipe
-    from toolkit.report import terminal_table
     from toolkit.sources import SourceError
 
     console = _console()
@@ -76,19 +75,28 @@ def run(
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        console.print(terminal_table(manifest))
+        _show_report(manifest, console)
         console.print(f"run folder: {parsed.run_dir}")
+
+
+def _show_report(manifest, console) -> None:
+    from toolkit.report import notes, selection_lines, terminal_table, write_reports
+
+    console.print(terminal_table(manifest))
+    for line in [*selection_lines(manifest), *notes(manifest)]:
+        console.print(line, markup=False)
+    written = write_reports(manifest)
+    console.print("report: " + ", ".join(str(p) for p in written.values()))
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run folder (holds manifest.json).")]) -> None:
-    """Print the figures of an earlier run."""
+    """Print the figures of an earlier run and write report.md, report.html and the plot into its folder."""
     from toolkit.manifest import MANIFEST, Manifest
-    from toolkit.report import terminal_table
 
     if not (run_dir / MANIFEST).is_file():
         _fail(f"error: {run_dir} has no {MANIFEST}; pass the run folder of a `toolkit run`")
-    _console().print(terminal_table(Manifest.load(run_dir)))
+    _show_report(Manifest.load(run_dir), _console())
 
 
 @app.command()

@@ -73,8 +73,9 @@ def evaluate_artifact(
     max_length: int,
     logits_file: Path,
     reference_logits: np.ndarray | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    predictor = load_predictor(artifact.path, artifact.format, max_length, cfg.speed.threads)
+    predictor = load_predictor(artifact.path, artifact.format, max_length, cfg.speed.threads, device)
     texts = data.texts(cfg.split)
     logits = predictor.logits_batched(texts, cfg.batch_size)
     np.save(logits_file, logits)
@@ -88,4 +89,5 @@ def evaluate_artifact(
         result["speed"] = measure_speed(predictor.logits, texts, cfg.speed, predictor.threads)
     result["size_bytes"] = weights_size(Path(artifact.path))
     result["parameters"] = predictor.num_parameters
+    result["device"] = predictor.device
     return result

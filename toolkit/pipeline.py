@@ -19,6 +19,7 @@ import numpy as np
 
 from toolkit import __version__
 from toolkit.data import PreparedData, prepare_data
+from toolkit.gates import ParityGate, check_gate
 from toolkit.manifest import Manifest, fingerprint, now
 from toolkit.recipe import Recipe
 from toolkit.stages import REGISTRY, Artifact, StageContext, StageResult
@@ -88,13 +89,22 @@ class Runner:
             if not cfg.enabled:
                 self._update(cfg.name, {"type": cfg.type, "status": "disabled"})
                 continue
-            stage_fp = fingerprint(cfg.model_dump(exclude={"name", "enabled"}), upstream)
+            needs = getattr(cfg, "input_format", None)
+            if needs is not None and source.format != needs:  # the recipe has an export first: it failed its gate
+                reason = f"needs an {needs} model; the newest model that passed its gate is {source.stage!r}"
+                self._update(cfg.name, {"type": cfg.type, "status": "skipped", "reason": reason})
+                self.say(f"[yellow]{cfg.name}: skipped, {reason}[/yellow]")
+                continue
+            # Gate tolerances are judged after evaluation; changing them re-judges without re-running the stage.
+            stage_fp = fingerprint(cfg.model_dump(exclude={"name", "enabled", "parity"}), upstream)
             ctx = StageContext(
                 recipe, self.run_dir, self.run_dir / f"{cfg.name}.partial", data, source, dict(artifacts)
             )
             result = self._run_or_reuse(cfg, ctx, stage_fp)
             if result.artifact is not None:
-                self._evaluate(cfg.name, result.artifact, source, data)
+                self._evaluate(cfg.name, result.artifact, data)
+                if not self._passes_gate(cfg, source):
+                    continue  # later stages start from the last model that passed, as if this one never ran
                 source = result.artifact
                 artifacts[cfg.name] = result.artifact
             upstream = stage_fp
@@ -121,6 +131,8 @@ class Runner:
         if self.state.is_main_process:
             self.manifest.data["selection"] = select(self.manifest, self.recipe)
             self.manifest.save()
+            chosen = self.manifest.data["selection"]
+            self.say(f"[bold]selected:[/bold] {chosen['stage']} ({chosen['reason']})")
         self.state.wait_for_everyone()
         self.manifest = Manifest.load(self.run_dir)
         return selected_artifact(self.manifest.data["selection"])
@@ -145,7 +157,7 @@ class Runner:
 
     def _reusable(self, name: str, stage_fp: str) -> StageResult | None:
         entry = self.manifest.stage(name)
-        if not entry or entry.get("status") != "done" or entry.get("fingerprint") != stage_fp:
+        if not entry or entry.get("status") not in ("done", "failed_gate") or entry.get("fingerprint") != stage_fp:
             return None
         output = entry.get("output")
         if output is not None and not Path(output["path"]).exists():
@@ -205,6 +217,8 @@ class Runner:
         artifact = result.artifact
         if artifact is not None:
             artifact = Artifact(final, artifact.format, name)
+        if result.source is not None:
+            self._update(name, {"input": result.source.to_json()})
         self._update(
             name,
             {
@@ -239,7 +253,7 @@ class Runner:
             )
         raise StageError(f"stage {name!r} failed: {type(error).__name__}: {error}") from error
 
-    def _evaluate(self, name: str, artifact: Artifact, source: Artifact, data: PreparedData) -> None:
+    def _evaluate(self, name: str, artifact: Artifact, data: PreparedData) -> None:
         from toolkit.evaluation import evaluate_artifact
 
         if self.state.is_main_process:
@@ -249,7 +263,8 @@ class Runner:
             if entry.get("eval_fingerprint") != eval_fp or not logits_file.is_file() or name in self.plan.force:
                 self.say(f"  evaluating {name} on the {self.recipe.evaluate.split} split")
                 logits_file.parent.mkdir(exist_ok=True)
-                reference = self.run_dir / "evals" / f"{source.stage}.logits.npy"
+                # The stage's own record of its input: an export may have read an earlier model than the last one.
+                reference = self.run_dir / "evals" / f"{entry['input']['stage']}.logits.npy"
                 start = time.perf_counter()
                 result = evaluate_artifact(
                     artifact,
@@ -258,6 +273,7 @@ class Runner:
                     self.recipe.model.max_length,
                     logits_file,
                     np.load(reference) if reference.is_file() else None,
+                    device=self.recipe.device,
                 )
                 self._update(
                     name,
@@ -268,6 +284,24 @@ class Runner:
                     },
                 )
         self.state.wait_for_everyone()
+
+    def _passes_gate(self, cfg, source: Artifact) -> bool:
+        """Judge a gated stage's parity; a failure is recorded as `failed_gate` and said plainly."""
+        gate = getattr(cfg, "parity", None)
+        if not isinstance(gate, ParityGate):
+            return True
+        if self.state.is_main_process:
+            entry = self.manifest.stage(cfg.name)
+            verdict = check_gate(gate, (entry.get("evaluation") or {}).get("parity"))
+            self._update(cfg.name, {"gate": verdict, "status": "done" if verdict["passed"] else "failed_gate"})
+            if not verdict["passed"]:
+                self.say(
+                    f"[bold red]{cfg.name}: FAILED its parity gate ({'; '.join(verdict['reasons'])}); "
+                    f"its model is not used, later stages start from {source.stage!r}[/bold red]"
+                )
+        self.state.wait_for_everyone()
+        self.manifest = Manifest.load(self.run_dir)
+        return self.manifest.stage(cfg.name)["gate"]["passed"]
 
     def _update(self, name: str, fields: dict[str, Any]) -> None:
         if self.state.is_main_process:

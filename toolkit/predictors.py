@@ -19,6 +19,15 @@ def resolve_threads(threads: int) -> int:
     return threads or os.cpu_count() or 1
 
 
+def resolve_device(device: str) -> str:
+    """`auto` and `cuda` mean CUDA only where torch sees a GPU; evaluation never fails for want of one."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def weights_size(path: Path) -> int:
     """Bytes of model weights on disk (tokenizer and config files excluded)."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
@@ -27,12 +36,13 @@ def weights_size(path: Path) -> int:
 class Predictor:
     format = "?"
 
-    def __init__(self, path: Path | str, max_length: int, threads: int):
+    def __init__(self, path: Path | str, max_length: int, threads: int, device: str = "cpu"):
         from transformers import AutoTokenizer
 
         self.path = path
         self.max_length = max_length
         self.threads = resolve_threads(threads)
+        self.device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
 
     def encode(self, texts: list[str], tensors: str) -> dict:
@@ -57,10 +67,9 @@ class PyTorchPredictor(Predictor):
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        super().__init__(path, max_length, threads)
+        super().__init__(path, max_length, threads, device)
         torch.set_num_threads(self.threads)
-        self.device = device
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
 
     def logits(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -74,8 +83,54 @@ class PyTorchPredictor(Predictor):
         return sum(p.numel() for p in self.model.parameters())
 
 
-PREDICTORS: dict[str, Callable[..., Predictor]] = {"pytorch": PyTorchPredictor}
+class OnnxPredictor(Predictor):
+    """ONNX Runtime on the folder's one graph: the recipe's threads within an op and one between ops (a
+    classifier's graph is a single chain). On CUDA, inputs and outputs are bound to the device (IO binding)."""
+
+    format = "onnx"
+
+    def __init__(self, path: Path | str, max_length: int, threads: int, device: str = "cpu"):
+        import onnxruntime as ort
+
+        from toolkit.stages.onnx_common import onnx_file
+
+        super().__init__(path, max_length, threads, device)
+        self.file = onnx_file(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        use_cuda = self.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+        self.device = "cuda" if use_cuda else "cpu"
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(self.file), options, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def _feed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        batch = self.encode(texts, "np")
+        return {name: batch[name].astype(np.int64) for name in self.input_names}
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        feed = self._feed(texts)
+        if self.device != "cuda":
+            return self.session.run(["logits"], feed)[0].astype(np.float32)
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output("logits", "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0].astype(np.float32)
+
+    @property
+    def num_parameters(self) -> int:
+        import onnx
+
+        graph = onnx.load(str(self.file), load_external_data=False).graph
+        return int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer))
 
 
-def load_predictor(path: Path | str, fmt: str, max_length: int, threads: int) -> Predictor:
-    return PREDICTORS[fmt](path, max_length, threads)
+PREDICTORS: dict[str, Callable[..., Predictor]] = {"pytorch": PyTorchPredictor, "onnx": OnnxPredictor}
+
+
+def load_predictor(path: Path | str, fmt: str, max_length: int, threads: int, device: str = "cpu") -> Predictor:
+    return PREDICTORS[fmt](path, max_length, threads, device)

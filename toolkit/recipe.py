@@ -153,6 +153,18 @@ class EvaluateConfig(Strict):
     speed: SpeedConfig = SpeedConfig()
 
 
+class SelectConfig(Strict):
+    """Which candidate the run hands on: the best by `objective` among those meeting every constraint."""
+
+    # Largest accuracy loss allowed against the fine-tuned model, in points: percentage points of accuracy
+    # (absolute) or percent of the fine-tuned accuracy (relative).
+    max_accuracy_drop: float = Field(1.0, ge=0)
+    drop_mode: Literal["absolute", "relative"] = "absolute"
+    max_latency_ms: float | None = Field(None, gt=0)  # batch-1 p50
+    max_size_mb: float | None = Field(None, gt=0)  # weights on disk
+    objective: Literal["latency", "throughput", "size"] = "latency"
+
+
 class OutputConfig(Strict):
     dir: str | None = None
 
@@ -164,6 +176,7 @@ class Recipe(Strict):
     model: ModelConfig
     stages: list[StageConfig] = Field(min_length=1)
     evaluate: EvaluateConfig = EvaluateConfig()
+    select: SelectConfig = SelectConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -173,6 +186,7 @@ class Recipe(Strict):
         if dupes:
             raise ValueError(f"stage names must be unique; repeated: {dupes} (set `name:` on one of them)")
         self._check_stage_shapes()
+        _check_input_formats(self.stages)
         base = _base_dir(info)
         run_dir = self.output.dir or f"runs/{self.name}"
         self.output.dir = str((base / run_dir).resolve())
@@ -210,6 +224,19 @@ def local_model_shape(name: str) -> dict[str, Any] | None:
         return json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def _check_input_formats(stages: list) -> None:
+    """Stages that read ONNX (`input_format`) need an enabled export before them."""
+    exported = False
+    for stage in stages:
+        if not stage.enabled:
+            continue
+        if getattr(stage, "input_format", None) == "onnx" and not exported:
+            raise ValueError(
+                f"stage {stage.name!r} ({stage.type}) works on an ONNX model; put an enabled `export` stage before it"
+            )
+        exported = exported or stage.type == "export"
 
 
 class RecipeError(Exception):

@@ -14,7 +14,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from toolkit.stages import distill, package, prune, push, train
+from toolkit.stages import distill, export, optimize, package, prune, push, quantize, train
 from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
 
 
@@ -33,6 +33,9 @@ REGISTRY: dict[str, Stage] = {
     "train": Stage(train.TrainConfig, train.run, distributed=True),
     "prune": Stage(prune.PruneConfig, prune.run, distributed=True),
     "distill": Stage(distill.DistillConfig, distill.run, distributed=True),
+    "export": Stage(export.ExportConfig, export.run),
+    "optimize": Stage(optimize.OptimizeConfig, optimize.run),
+    "quantize": Stage(quantize.QuantizeConfig, quantize.run),
     "package": Stage(package.PackageConfig, package.run, after_selection=True, still_there=package.still_stored),
     "push": Stage(push.PushConfig, push.run, after_selection=True),
 }

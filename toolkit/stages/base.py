@@ -78,3 +78,6 @@ class StageResult:
     artifact: Artifact | None
     # Stage-specific facts for the manifest (training curve, kept heads, fusion counts...). JSON-serialisable.
     info: dict[str, Any] = field(default_factory=dict)
+    # The model the stage really started from when it is not `ctx.source` (an export after an ONNX stage reads
+    # the newest PyTorch model); parity is measured against it.
+    source: Artifact | None = None

@@ -1,0 +1,62 @@
+"""`export`: the current PyTorch model to an ONNX folder that `ORTModelForSequenceClassification` loads
+(`model.onnx`, config with the label names, tokenizer). Pruned heads (any count per layer) and a sliced FFN
+export as they are: the traced graph follows the modules' actual shapes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from toolkit.gates import ParityGate
+from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
+
+
+class ExportConfig(StageBase):
+    type: Literal["export"]
+    # 18 is the lowest opset Optimum recommends for BERT-like models with current transformers.
+    opset: int = Field(18, ge=14, le=21)
+    parity: ParityGate = ParityGate()
+
+
+def pytorch_source(ctx: StageContext) -> Artifact:
+    """The model to export: the current one, or the newest PyTorch model when the current one is already ONNX."""
+    if ctx.source.format == "pytorch":
+        return ctx.source
+    latest = ctx.latest("pytorch")
+    if latest is None:
+        raise ValueError("no PyTorch model before this export stage")
+    return latest
+
+
+def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
+    import torch
+    from optimum.exporters.onnx import onnx_export_from_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from toolkit.stages.onnx_common import onnx_file, op_counts
+
+    source = pytorch_source(ctx)
+    model = AutoModelForSequenceClassification.from_pretrained(source.path, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    # Validation against PyTorch on dummy inputs is skipped: the parity gate checks the whole test split.
+    onnx_export_from_model(
+        model,
+        ctx.out_dir,
+        opset=cfg.opset,
+        task="text-classification",
+        do_validation=False,
+        preprocessors=[tokenizer],
+    )
+    path = onnx_file(ctx.out_dir)
+    layers = getattr(getattr(model, model.base_model_prefix, model), "encoder", None)
+    heads = [layer.attention.self.num_attention_heads for layer in layers.layer] if hasattr(layers, "layer") else None
+    info = {
+        "source": source.stage,
+        "opset": cfg.opset,
+        "file": path.name,
+        "heads_per_layer": heads,
+        "intermediate_size": getattr(model.config, "intermediate_size", None),
+        "op_counts": op_counts(path),
+    }
+    return StageResult(Artifact(ctx.out_dir, "onnx", cfg.name), info, source=source)

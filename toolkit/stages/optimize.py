@@ -1,0 +1,58 @@
+"""`optimize`: ONNX Runtime's transformer graph optimizer through Optimum's `ORTOptimizer` (O1: generic graph
+rewrites; O2: plus transformer fusions such as Attention and SkipLayerNormalization; O3: plus the FastGelu
+approximation), optionally converted to FP16. The fused node types are counted in the result, because a
+transformers release that changes the exported graph can make fusion stop without any error."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from toolkit.gates import ParityGate
+from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
+
+
+class OptimizeConfig(StageBase):
+    type: Literal["optimize"]
+    level: Literal["O1", "O2", "O3"] = "O2"
+    # auto: FP16 only when ONNX Runtime has the CUDA execution provider; on CPU FP16 adds casts and runs no faster.
+    fp16: Literal["auto", True, False] = "auto"
+    parity: ParityGate = ParityGate()
+
+    input_format: ClassVar[str] = "onnx"
+
+
+def resolve_fp16(choice: str | bool, device: str) -> bool:
+    from toolkit.stages.onnx_common import cuda_provider_available
+
+    if choice != "auto":
+        return bool(choice)
+    return device != "cpu" and cuda_provider_available()
+
+
+def run(cfg: OptimizeConfig, ctx: StageContext) -> StageResult:
+    from optimum.onnxruntime import AutoOptimizationConfig, ORTOptimizer
+
+    from toolkit.stages.onnx_common import fused_counts, onnx_file, onnx_source, op_counts
+
+    source = onnx_source(ctx, cfg.type)
+    src_file = onnx_file(source.path)
+    fp16 = resolve_fp16(cfg.fp16, ctx.recipe.device)
+    # FP16 conversion targets the GPU; optimizing for the GPU also picks GPU-only fusions where there are some.
+    options = AutoOptimizationConfig.with_optimization_level(cfg.level, for_gpu=fp16, fp16=fp16)
+    ORTOptimizer.from_pretrained(source.path, file_names=[src_file.name]).optimize(
+        options, ctx.out_dir, file_suffix=None
+    )
+    before, after = op_counts(src_file), op_counts(onnx_file(ctx.out_dir))
+    fused = fused_counts(after)
+    info = {
+        "source": source.stage,
+        "level": cfg.level,
+        "fp16": fp16,
+        "fused_ops": fused,
+        "nodes_before": sum(before.values()),
+        "nodes_after": sum(after.values()),
+        "op_counts": after,
+    }
+    if cfg.level != "O1" and not any(op in fused for op in ("Attention", "MultiHeadAttention")):
+        info["warning"] = "no attention fusion happened; the transformers export may have changed its graph"
+    return StageResult(Artifact(ctx.out_dir, "onnx", cfg.name), info)

@@ -1,0 +1,96 @@
+"""`quantize`: dynamic INT8 through Optimum's `ORTQuantizer` (weights INT8 ahead of time, activations
+quantized on the fly), with the instruction set's kernel configuration detected from the CPU or named.
+
+ONNX Runtime's quantizer cannot type the outputs of fused contrib ops (Attention, SkipLayerNormalization), so
+quantizing an O2/O3 graph as it is fails ("Unable to find data type for weight_name ..."). Symbolic shape
+inference, which knows those ops, is run first on a copy of the graph."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from toolkit.gates import ParityGate
+from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
+
+InstructionSet = Literal["avx512_vnni", "avx512", "avx2", "arm64"]
+
+
+class QuantizeConfig(StageBase):
+    type: Literal["quantize"]
+    instruction_set: Literal["auto", "avx512_vnni", "avx512", "avx2", "arm64"] = "auto"
+    # One scale per output channel: closer to FP32, slightly larger and slower on some kernels.
+    per_channel: bool = False
+    parity: ParityGate = ParityGate(min_agreement=0.99)
+
+    input_format: ClassVar[str] = "onnx"
+
+
+def detect_instruction_set(cpuinfo: Path = Path("/proc/cpuinfo"), machine: str | None = None) -> tuple[str, str]:
+    """(instruction set, where it was read from): the best INT8 kernels this CPU runs."""
+    machine = (machine or platform.machine()).lower()
+    if machine in ("arm64", "aarch64"):
+        return "arm64", f"platform.machine() = {machine}"
+    if not cpuinfo.is_file():
+        return "avx2", f"{cpuinfo} not readable; assumed avx2 (any x86-64 CPU from the last decade)"
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    for name, needed in (("avx512_vnni", "avx512_vnni"), ("avx512", "avx512bw"), ("avx2", "avx2")):
+        if needed in flags:
+            return name, f"{cpuinfo} flag {needed}"
+    raise ValueError(
+        f"this CPU has none of the flags avx512_vnni, avx512bw, avx2 in {cpuinfo}; "
+        "set `instruction_set` to one of avx512_vnni, avx512, avx2, arm64 for the machine that will serve the model"
+    )
+
+
+def shape_inferred_copy(source: Path, work: Path) -> Path:
+    """The source folder's graph with every tensor typed, plus its config and tokenizer, in `work`."""
+    import shutil
+
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from toolkit.stages.onnx_common import onnx_file
+
+    shutil.copytree(source, work, ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data"))
+    src = onnx_file(source)
+    inferred = SymbolicShapeInference.infer_shapes(onnx.load(str(src)), auto_merge=True)
+    onnx.save(inferred, str(work / src.name))
+    return work / src.name
+
+
+def run(cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
+    import shutil
+
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    from toolkit.stages.onnx_common import fused_counts, onnx_file, onnx_source, op_counts
+
+    source = onnx_source(ctx, cfg.type)
+    if cfg.instruction_set == "auto":
+        isa, detected_from = detect_instruction_set()
+    else:
+        isa, detected_from = cfg.instruction_set, "recipe"
+    qconfig = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=cfg.per_channel)
+    work = ctx.out_dir / "_shape_inferred"
+    try:
+        inferred = shape_inferred_copy(Path(source.path), work)
+        ORTQuantizer.from_pretrained(work, file_name=inferred.name).quantize(qconfig, ctx.out_dir, file_suffix=None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    counts = op_counts(onnx_file(ctx.out_dir))
+    info = {
+        "source": source.stage,
+        "instruction_set": isa,
+        "instruction_set_from": detected_from,
+        "per_channel": cfg.per_channel,
+        "mode": "dynamic",
+        "fused_ops": fused_counts(counts),
+        "op_counts": counts,
+    }
+    return StageResult(Artifact(ctx.out_dir, "onnx", cfg.name), info)
