@@ -179,3 +179,18 @@ def test_prepared_data_is_saved_once_and_tokenised_with_dynamic_lengths(tmp_path
     lengths = {len(ids) for ids in tokenized["train"]["input_ids"]}
     assert len(lengths) > 1  # not padded to a fixed length: batches are padded when collated
     assert "labels" in tokenized["train"].column_names
+
+
+def test_boolean_json_labels(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "label": y == "positive"}) for t, y in ROWS) + "\n")
+    texts, labels, names = read_all(data_config(tmp_path, train=str(path), text_column="text"))
+    assert names == ["False", "True"]
+    assert sum(len(v) for v in labels.values()) == 40
+
+
+def test_split_fractions_must_leave_training_data(tmp_path):
+    from toolkit.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"data.split: validation \+ test = 0.9 leaves too little"):
+        data_config(tmp_path, train=str(write_tsv(tmp_path / "a.tsv", ROWS)), split={"validation": 0.4, "test": 0.5})

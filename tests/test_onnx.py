@@ -223,31 +223,3 @@ def test_invalid_onnx_options_fail_validation(toy_recipe, write_recipe, stages, 
     result = CliRunner().invoke(app, ["validate", str(write_recipe(recipe))])
     assert result.exit_code == 1
     assert message in result.output
-
-
-@pytest.mark.slow
-def test_ci_recipe_end_to_end(tmp_path):
-    """recipes/ci.yaml on the real MiniLM and Rotten Tomatoes: the exact stages pass their gates, fusion happens,
-    every candidate not chosen has a recorded reason, and the report is written."""
-    import yaml
-
-    recipe = yaml.safe_load(Path("recipes/ci.yaml").read_text())
-    recipe["output"]["dir"] = str(tmp_path / "run")
-    path = tmp_path / "ci.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    result = CliRunner().invoke(app, ["run", str(path)])
-    assert result.exit_code == 0, result.output
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    stages = manifest["stages"]
-    assert [stages[s]["status"] for s in ("train", "export", "optimize")] == ["done"] * 3
-    assert stages["train"]["evaluation"]["accuracy"] > 0.6
-    # INT8 of this briefly trained model flips a few borderline texts (96% agreement here): either way the
-    # verdict must match the figures.
-    gate = stages["quantize"]["gate"]
-    assert gate["passed"] == (stages["quantize"]["evaluation"]["parity"]["agreement"] >= 0.99)
-    assert stages["quantize"]["status"] == ("done" if gate["passed"] else "failed_gate")
-    assert stages["optimize"]["info"]["fused_ops"]["Attention"] == 6
-    assert stages["quantize"]["evaluation"]["size_bytes"] < stages["export"]["evaluation"]["size_bytes"] / 3
-    selection = manifest["selection"]
-    assert all(record.get("lost") for name, record in selection["candidates"].items() if name != selection["stage"])
-    assert (tmp_path / "run" / "report.html").is_file()

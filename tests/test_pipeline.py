@@ -44,6 +44,25 @@ def test_rerun_skips_unchanged_and_reruns_what_changed(toy_recipe, write_recipe,
     assert evaluated["train"]["eval_fingerprint"] != first["train"]["eval_fingerprint"]
 
 
+def test_rerunning_a_stage_makes_later_results_stale(toy_recipe, write_recipe, tmp_path):
+    path = write_recipe(two_stage(toy_recipe))
+    first = run_recipe(load_recipe(path)).data["stages"]
+    only = run_recipe(load_recipe(path), only=["train"]).data  # a new train model; retrain was built on the old one
+    assert only["stages"]["retrain"]["status"] == "stale" and "'train' ran again" in only["stages"]["retrain"]["reason"]
+    assert only["selection"]["stage"] == "train"  # a stale result is no candidate
+    again = run_recipe(load_recipe(path)).data["stages"]
+    assert again["retrain"]["fingerprint"] != first["retrain"]["fingerprint"]
+    assert again["retrain"]["started"] > again["train"]["finished"]
+
+
+def test_removed_stage_is_neither_reported_nor_selected(toy_recipe, write_recipe, tmp_path):
+    run_recipe(load_recipe(write_recipe(two_stage(toy_recipe))))
+    toy_recipe["stages"].pop()
+    manifest = run_recipe(load_recipe(write_recipe(toy_recipe)))
+    assert [name for name, _ in manifest.ordered()] == ["train"]
+    assert manifest.data["selection"]["stage"] == "train"
+
+
 def test_only_from_and_fresh(toy_recipe, write_recipe, tmp_path):
     path = write_recipe(two_stage(toy_recipe))
     recipe = load_recipe(path)

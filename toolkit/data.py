@@ -204,8 +204,8 @@ class LabelMap:
             value = value.strip()
             if value == "":
                 raise DataError(f"{row.where}: empty label in column {column!r}")
-        if isinstance(value, str) and value in self._ids:
-            return self._ids[value]
+        if str(value) in self._ids:  # JSON booleans and floats are named by their text, like the training split's
+            return self._ids[str(value)]
         number = _as_int(value)
         if number is not None:
             if self.by_int and 0 <= number < len(self.names):

@@ -75,6 +75,17 @@ def evaluate_artifact(
     reference_logits: np.ndarray | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
+    import torch
+
+    # The speed settings' thread count is for measuring; training stages after this one keep their own.
+    threads = torch.get_num_threads()
+    try:
+        return _evaluate(artifact, data, cfg, max_length, logits_file, reference_logits, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(artifact, data, cfg, max_length, logits_file, reference_logits, device) -> dict[str, Any]:
     predictor = load_predictor(artifact.path, artifact.format, max_length, cfg.speed.threads, device)
     texts = data.texts(cfg.split)
     logits = predictor.logits_batched(texts, cfg.batch_size)

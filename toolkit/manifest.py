@@ -44,10 +44,10 @@ class Manifest:
         return self.stages.get(name)
 
     def ordered(self) -> list[tuple[str, dict[str, Any]]]:
-        """Stages in recipe order (entries from stages no longer in the recipe come last)."""
-        order = self.data.get("order", [])
-        names = [n for n in order if n in self.stages] + [n for n in self.stages if n not in order]
-        return [(n, self.stages[n]) for n in names]
+        """The current recipe's stages in order; entries of stages since removed from the recipe are left out
+        (they must not be selected or reported as if they belonged to this run)."""
+        order = self.data.get("order") or list(self.stages)
+        return [(n, self.stages[n]) for n in order if n in self.stages]
 
     def save(self) -> None:
         self.data["updated"] = now()

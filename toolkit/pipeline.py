@@ -70,6 +70,7 @@ class Runner:
         self.console = console
         self.run_dir = recipe.run_dir
         self.manifest = Manifest.load(self.run_dir)
+        self.ran: list[str] = []  # stages run (not reused) in this invocation
 
     def say(self, message: str) -> None:
         if self.state.is_main_process and self.console is not None:
@@ -85,14 +86,18 @@ class Runner:
         upstream = fingerprint(upstream, data.fingerprint)
         artifacts: dict[str, Artifact] = {}
         model_stages = [c for c in recipe.stages if not REGISTRY[c.type].after_selection]
+        stale_since: str | None = None
         for cfg in model_stages:
+            if stale_since is not None and cfg.enabled:
+                self._mark_stale(cfg, stale_since)
+                continue
             if not cfg.enabled:
-                self._update(cfg.name, {"type": cfg.type, "status": "disabled"})
+                self._update(cfg.name, {"type": cfg.type, "status": "disabled"}, replace=True)
                 continue
             needs = getattr(cfg, "input_format", None)
             if needs is not None and source.format != needs:  # the recipe has an export first: it failed its gate
                 reason = f"needs an {needs} model; the newest model that passed its gate is {source.stage!r}"
-                self._update(cfg.name, {"type": cfg.type, "status": "skipped", "reason": reason})
+                self._update(cfg.name, {"type": cfg.type, "status": "skipped", "reason": reason}, replace=True)
                 self.say(f"[yellow]{cfg.name}: skipped, {reason}[/yellow]")
                 continue
             # Gate tolerances are judged after evaluation; changing them re-judges without re-running the stage.
@@ -101,18 +106,29 @@ class Runner:
                 recipe, self.run_dir, self.run_dir / f"{cfg.name}.partial", data, source, dict(artifacts)
             )
             result = self._run_or_reuse(cfg, ctx, stage_fp)
+            if result is None:  # out of date, and --only/--from left it out
+                stale_since = self.ran[-1]
+                self._mark_stale(cfg, stale_since)
+                continue
             if result.artifact is not None:
                 self._evaluate(cfg.name, result.artifact, data)
                 if not self._passes_gate(cfg, source):
                     continue  # later stages start from the last model that passed, as if this one never ran
                 source = result.artifact
                 artifacts[cfg.name] = result.artifact
-            upstream = stage_fp
+            # Chained on when the stage last ran, not only on its options: a stage run again (--only, a deleted
+            # folder) makes every later result stale.
+            upstream = fingerprint(stage_fp, (self.manifest.stage(cfg.name) or {}).get("finished"))
         selected = self._select()
         for cfg in recipe.stages:
             if cfg in model_stages or not cfg.enabled:
                 continue
-            stage_fp = fingerprint(cfg.model_dump(exclude={"name", "enabled"}), self.manifest.data["selection"])
+            chosen = self.manifest.data["selection"]["stage"]
+            made = self.manifest.stage(chosen) or {}
+            # The chosen model's identity, not the figures around it: re-measuring speed must not re-package.
+            stage_fp = fingerprint(
+                cfg.model_dump(exclude={"name", "enabled"}), chosen, made.get("fingerprint"), made.get("finished")
+            )
             ctx = StageContext(
                 recipe,
                 self.run_dir,
@@ -125,11 +141,19 @@ class Runner:
             self._run_or_reuse(cfg, ctx, stage_fp)
         return self.manifest
 
+    def _mark_stale(self, cfg, changed: str) -> None:
+        reason = f"its input changed when {changed!r} ran again; `toolkit run` rebuilds it"
+        self._update(cfg.name, {"type": cfg.type, "status": "stale", "reason": reason}, replace=True)
+        self.say(f"[yellow]{cfg.name}: stale, {reason}[/yellow]")
+
     def _select(self) -> Artifact:
         from toolkit.selection import select, selected_artifact
 
         if self.state.is_main_process:
-            self.manifest.data["selection"] = select(self.manifest, self.recipe)
+            try:
+                self.manifest.data["selection"] = select(self.manifest, self.recipe)
+            except ValueError as exc:
+                raise PlanError(str(exc)) from None
             self.manifest.save()
             chosen = self.manifest.data["selection"]
             self.say(f"[bold]selected:[/bold] {chosen['stage']} ({chosen['reason']})")
@@ -167,14 +191,16 @@ class Runner:
             return None
         return StageResult(Artifact.from_json(output) if output else None, entry.get("info", {}))
 
-    def _run_or_reuse(self, cfg, ctx: StageContext, stage_fp: str) -> StageResult:
+    def _run_or_reuse(self, cfg, ctx: StageContext, stage_fp: str) -> StageResult | None:
         name = cfg.name
         reused = None if name in self.plan.force else self._reusable(name, stage_fp)
         if reused is not None:
             self.say(f"[dim]{name}: up to date (fingerprint {stage_fp}), skipped[/dim]")
             self._update(name, {"skipped_at": now()})
             return reused
-        if name not in self.plan.run:
+        if name not in self.plan.run and not REGISTRY[cfg.type].after_selection:
+            if self.ran:
+                return None
             raise PlanError(
                 f"stage {name!r} has no up-to-date result in {self.run_dir}; run it first "
                 "(without --only/--from, or with --from at an earlier stage)"
@@ -183,6 +209,7 @@ class Runner:
 
     def _execute(self, cfg, ctx: StageContext, stage_fp: str) -> StageResult:
         name, stage = cfg.name, REGISTRY[cfg.type]
+        self.ran.append(name)
         final = self.run_dir / name
         if self.state.is_main_process:
             shutil.rmtree(ctx.out_dir, ignore_errors=True)
@@ -303,8 +330,11 @@ class Runner:
         self.manifest = Manifest.load(self.run_dir)
         return self.manifest.stage(cfg.name)["gate"]["passed"]
 
-    def _update(self, name: str, fields: dict[str, Any]) -> None:
+    def _update(self, name: str, fields: dict[str, Any], replace: bool = False) -> None:
+        """Merge into the stage's entry; `replace` drops what an earlier run left (outputs, figures)."""
         if self.state.is_main_process:
+            if replace:
+                self.manifest.stages[name] = {}
             self.manifest.stages.setdefault(name, {}).update(fields)
             self.manifest.save()
 

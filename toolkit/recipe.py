@@ -46,6 +46,14 @@ class SplitConfig(Strict):
     test: float = Field(0.1, gt=0, lt=1)
     seed: int = 42
 
+    @model_validator(mode="after")
+    def _room_for_train(self) -> SplitConfig:
+        if self.validation + self.test >= 0.9:
+            raise ValueError(
+                f"validation + test = {self.validation + self.test:g} leaves too little to train on; keep it below 0.9"
+            )
+        return self
+
 
 class DataConfig(Strict):
     format: Literal["auto", "tsv", "csv", "jsonl", "disk", "hub"] = "auto"
@@ -70,7 +78,7 @@ class DataConfig(Strict):
         base = _base_dir(info)
         fmt = self.format
         if fmt == "auto":
-            fmt = _guess_format(self.path, self.train)
+            fmt = _guess_format(self.path, self.train, base)
         self.format = fmt
         if fmt in FILE_FORMATS:
             if self.path is not None:
@@ -92,9 +100,9 @@ class DataConfig(Strict):
         return self
 
 
-def _guess_format(path: str | None, train: str) -> str:
+def _guess_format(path: str | None, train: str, base: Path) -> str:
     if path is not None:
-        return "disk" if resolve_local(path, Path(".")) else "hub"
+        return "disk" if resolve_local(path, base) else "hub"
     name = train.lower().removesuffix(".bz2").removesuffix(".gz").removesuffix(".xz")
     for suffix, fmt in (
         (".tsv", "tsv"),
