@@ -1,4 +1,4 @@
-"""PyTorch FP32 vs ONNX FP32 vs O2-fused vs INT8 of the same fine-tuned model, in one process on this machine.
+"""PyTorch FP32 vs ONNX FP32 vs O2-fused vs INT8 of the same model, in one process on this machine.
 
 Takes a run folder of `toolkit run` whose recipe has train -> export -> optimize -> quantize (recipes/ci.yaml or
 full.yaml) and times each model on the run's real test texts at batch 1 (p50/p95 latency) and batch 32
@@ -28,19 +28,24 @@ from toolkit.manifest import Manifest
 from toolkit.metrics import classification_metrics
 from toolkit.predictors import load_predictor
 
-VARIANTS = (("PyTorch FP32", "train"), ("ONNX FP32", "export"), ("ONNX O2", "optimize"), ("ONNX INT8", "quantize"))
+VARIANTS = (("PyTorch FP32", "source"), ("ONNX FP32", "export"), ("ONNX O2", "optimize"), ("ONNX INT8", "quantize"))
 
 
 def stage_paths(manifest: Manifest) -> dict[str, tuple[str, str]]:
-    """label -> (artifact path, format), the first finished stage of each type."""
+    """label -> (artifact path, format): the first finished stage of each ONNX type, and as "PyTorch FP32" the
+    model the export was made from (the fine-tuned model, or the distilled student when the recipe distils), so
+    every variant is the same network."""
     found: dict[str, tuple[str, str]] = {}
-    for label, kind in VARIANTS:
+    for label, kind in VARIANTS[1:]:
         for _, entry in manifest.ordered():
             if entry.get("type") == kind and entry.get("status") in ("done", "failed_gate") and entry.get("output"):
                 found[label] = (entry["output"]["path"], entry["output"]["format"])
                 break
         else:
             raise SystemExit(f"the run has no finished `{kind}` stage; run recipes/ci.yaml (or full.yaml) first")
+    export = next(e for _, e in manifest.ordered() if e.get("type") == "export" and e.get("output"))
+    source = export["input"]
+    found = {"PyTorch FP32": (source["path"], source["format"]), **found}
     return found
 
 
