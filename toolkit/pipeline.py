@@ -225,7 +225,7 @@ class Runner:
             self.manifest.stages[name] = entry
             self.manifest.save()
         self.state.wait_for_everyone()
-        self.say(f"[bold]{name}[/bold] ({cfg.type}) from {ctx.source.stage}")
+        self.say(f"[bold]{name}[/bold] ({cfg.type}) from {(ctx.selected or ctx.source).stage}")
         start = time.perf_counter()
         error = None
         result = None
