@@ -68,15 +68,17 @@ def int8_student(run: Path, student: Path, work: Path, fuse: bool) -> tuple[Path
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
     from transformers import AutoTokenizer
 
+    from toolkit.stages.quantize import detect_instruction_set
+
     ORTModelForSequenceClassification.from_pretrained(student, export=True).save_pretrained(work / "onnx")
     source = fused(work / "onnx", work / "fused") if fuse else work / "onnx"
     quantizer = ORTQuantizer.from_pretrained(source, file_name=next(source.glob("*.onnx")).name)
-    vnni = "avx512_vnni" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
-    config = (AutoQuantizationConfig.avx512_vnni if vnni else AutoQuantizationConfig.avx2)(is_static=False)
+    isa, _ = detect_instruction_set()  # the quantize stage's own detection
+    config = getattr(AutoQuantizationConfig, isa)(is_static=False)
     quantizer.quantize(save_dir=work / "int8", quantization_config=config)
     AutoTokenizer.from_pretrained(student).save_pretrained(work / "int8")
     steps = "exported, fused (O2), " if fuse else "exported, "
-    return work / "int8", steps + f"ORTQuantizer dynamic INT8 ({'avx512_vnni' if vnni else 'avx2'}) here"
+    return work / "int8", steps + f"ORTQuantizer dynamic INT8 ({isa}) here"
 
 
 def fused(onnx_dir: Path, out: Path) -> Path:

@@ -32,12 +32,12 @@ def int8_folder(pytorch: Path, dest: Path) -> Path:
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
     from transformers import AutoTokenizer
 
+    from toolkit.stages.quantize import detect_instruction_set
+
     export = dest / "export"
     ORTModelForSequenceClassification.from_pretrained(pytorch, export=True).save_pretrained(export)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    qconfig = (AutoQuantizationConfig.avx512_vnni if "avx512_vnni" in flags else AutoQuantizationConfig.avx2)(
-        is_static=False, per_channel=False
-    )
+    isa, _ = detect_instruction_set()  # the quantize stage's own detection
+    qconfig = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=False)
     ORTQuantizer.from_pretrained(export).quantize(qconfig, save_dir=dest / "int8")
     AutoTokenizer.from_pretrained(pytorch).save_pretrained(dest / "int8")
     shutil.copy(export / "config.json", dest / "int8" / "config.json")
