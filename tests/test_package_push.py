@@ -84,7 +84,7 @@ def test_push_uploads_files_and_card_without_leaking_the_token(toy_recipe, write
     runner = CliRunner()
     dry = runner.invoke(app, ["push", str(tmp_path / "run"), "--repo-id", "user/toy", "--dry-run"])
     assert dry.exit_code == 0, dry.output
-    assert "calls" not in calls and "repo" not in calls
+    assert calls == {}  # a dry run neither creates the repo nor commits
     listed = {line.split()[0] for line in dry.output.splitlines()[1:]}
 
     result = runner.invoke(app, ["push", str(tmp_path / "run"), "--repo-id", "user/toy", "--private"])
