@@ -23,38 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 from toolkit.data import PreparedData  # noqa: E402
 from toolkit.evaluation import measure_speed, parity  # noqa: E402
-from toolkit.predictors import PREDICTORS, Predictor, load_predictor, weights_size  # noqa: E402
+from toolkit.predictors import Predictor, load_predictor, weights_size  # noqa: E402
 from toolkit.recipe import SpeedConfig  # noqa: E402
 
 TARGETS = {"accuracy_drop_points": 1.0, "speedup_batch1": 12.0, "speedup_batch32": 10.0}
-
-
-class OnnxPredictor(Predictor):
-    """Plain ONNX Runtime session on the CPU provider (used when the run's toolkit has no ONNX predictor)."""
-
-    format = "onnx"
-
-    def __init__(self, path, max_length: int, threads: int):
-        import onnxruntime as ort
-
-        super().__init__(path, max_length, threads)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        model = next(Path(path).glob("*.onnx"))
-        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name for i in self.session.get_inputs()}
-        self.model_file = model
-
-    def logits(self, texts):
-        batch = self.encode(texts, "np")
-        return self.session.run(["logits"], {k: v for k, v in batch.items() if k in self.inputs})[0]
-
-    @property
-    def num_parameters(self) -> int:
-        import onnx
-
-        return sum(int(np.prod(t.dims)) for t in onnx.load(str(self.model_file)).graph.initializer)
 
 
 def int8_student(run: Path, student: Path, work: Path, fuse: bool) -> tuple[Path, str]:
@@ -129,17 +101,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         int8, origin = int8_student(args.run, student, Path(tmp), not args.no_fuse)
         print(f"INT8 student: {origin}")
-        onnx_loader = PREDICTORS.get("onnx", OnnxPredictor)
-        for name, path, loader in (
-            ("teacher 6L PyTorch FP32", args.run / args.teacher, PREDICTORS["pytorch"]),
-            ("student 3L pruned PyTorch FP32", student, PREDICTORS["pytorch"]),
-            ("student 3L pruned ONNX INT8", int8, onnx_loader),
+        for name, path, fmt in (
+            ("teacher 6L PyTorch FP32", args.run / args.teacher, "pytorch"),
+            ("student 3L pruned PyTorch FP32", student, "pytorch"),
+            ("student 3L pruned ONNX INT8", int8, "onnx"),
         ):
-            predictor = (
-                loader(path, args.max_length, args.threads)
-                if loader is not PREDICTORS["pytorch"]
-                else (load_predictor(path, "pytorch", args.max_length, args.threads))
-            )
+            predictor = load_predictor(path, fmt, args.max_length, args.threads)
             row, logits = measure(name, predictor, data, speed)
             if outputs:
                 # INT8 against FP32 student, FP32 student against teacher: what each step changed.

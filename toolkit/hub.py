@@ -9,7 +9,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -84,27 +83,10 @@ def push(upload: Upload, private: bool = False) -> str:
     return str(getattr(commit, "commit_url", commit))
 
 
-def _fmt(value: Any, pattern: str) -> str:
-    return "—" if value is None else pattern.format(value)
-
-
 def stage_table(manifest: Manifest) -> str:
-    from toolkit.report import stage_rows
+    from toolkit.report import markdown_table
 
-    lines = [
-        "| stage | type | accuracy | macro-F1 | Δ acc (pts) | parity | p50 ms | texts/s | size MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in stage_rows(manifest):
-        if row["accuracy"] is None:
-            continue
-        lines.append(
-            f"| {row['stage']} | {row['type']} | {_fmt(row['accuracy'], '{:.4f}')} | {_fmt(row['macro_f1'], '{:.4f}')}"
-            f" | {_fmt(row['accuracy_change_pts'], '{:+.2f}')} | {_fmt(row['parity_agreement'], '{:.4f}')}"
-            f" | {_fmt(row['latency_p50_ms'], '{:.2f}')} | {_fmt(row['throughput_per_s'], '{:.1f}')}"
-            f" | {_fmt(row['size_mb'], '{:.1f}')} |"
-        )
-    return "\n".join(lines)
+    return "\n".join(markdown_table(manifest))
 
 
 def model_card(manifest: Manifest, artifact: Artifact, repo_id: str) -> str:

@@ -145,11 +145,15 @@ def plot(manifest: Manifest, path: Path) -> Path | None:
     return path
 
 
-def markdown(manifest: Manifest, plot_file: Path | None) -> str:
+def markdown_table(manifest: Manifest) -> list[str]:
+    """The per-stage table as markdown lines (the report and the Hub model card share it)."""
     headers = [h for h, _, _ in COLUMNS]
-    lines = [f"# Run report: {manifest.run_dir.name}", ""]
-    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in formatted_rows(manifest)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in formatted_rows(manifest)]
+
+
+def markdown(manifest: Manifest, plot_file: Path | None) -> str:
+    lines = [f"# Run report: {manifest.run_dir.name}", "", *markdown_table(manifest)]
     lines += ["", *selection_lines(manifest), "", *notes(manifest)]
     if plot_file is not None:
         lines += ["", f"![accuracy vs latency]({plot_file.name})"]
