@@ -30,41 +30,17 @@ TARGETS = {"accuracy_drop_points": 1.0, "speedup_batch1": 12.0, "speedup_batch32
 
 
 def int8_student(run: Path, student: Path, work: Path, fuse: bool) -> tuple[Path, str]:
-    """The run's quantized model if its recipe made one, else the student exported, fused (ORTOptimizer O2) and
-    quantized (ORTQuantizer, dynamic INT8) here."""
+    """The run's quantized model if its recipe made one, else the student through the toolkit's own export,
+    optimize and quantize stages here."""
     manifest = json.loads((run / "manifest.json").read_text())
     for name, entry in manifest.get("stages", {}).items():
         if entry.get("type") == "quantize" and entry.get("status") == "done" and entry.get("output"):
             return Path(entry["output"]["path"]), f"run stage {name!r}"
-    from optimum.onnxruntime import ORTModelForSequenceClassification, ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-    from transformers import AutoTokenizer
+    from toolkit.stages.onnx_common import int8_from_pytorch
 
-    from toolkit.stages.quantize import detect_instruction_set
-
-    ORTModelForSequenceClassification.from_pretrained(student, export=True).save_pretrained(work / "onnx")
-    source = fused(work / "onnx", work / "fused") if fuse else work / "onnx"
-    quantizer = ORTQuantizer.from_pretrained(source, file_name=next(source.glob("*.onnx")).name)
-    isa, _ = detect_instruction_set()  # the quantize stage's own detection
-    config = getattr(AutoQuantizationConfig, isa)(is_static=False)
-    quantizer.quantize(save_dir=work / "int8", quantization_config=config)
-    AutoTokenizer.from_pretrained(student).save_pretrained(work / "int8")
-    steps = "exported, fused (O2), " if fuse else "exported, "
-    return work / "int8", steps + f"ORTQuantizer dynamic INT8 ({isa}) here"
-
-
-def fused(onnx_dir: Path, out: Path) -> Path:
-    """ORTOptimizer O2 fusion, then symbolic shape inference: dynamic quantization of a fused graph fails
-    without it ("Unable to find data type for weight_name")."""
-    import onnx
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    from optimum.onnxruntime import ORTOptimizer
-    from optimum.onnxruntime.configuration import OptimizationConfig
-
-    ORTOptimizer.from_pretrained(onnx_dir).optimize(OptimizationConfig(optimization_level=2), save_dir=out)
-    model_file = next(out.glob("*.onnx"))
-    onnx.save(SymbolicShapeInference.infer_shapes(onnx.load(str(model_file)), auto_merge=True), str(model_file))
-    return out
+    folder = int8_from_pytorch(student, work, fuse=fuse)
+    steps = "export, optimize (O2), quantize" if fuse else "export, quantize"
+    return folder, f"the {steps} stages with default options, here"
 
 
 def measure(name: str, predictor: Predictor, data: PreparedData, speed: SpeedConfig) -> tuple[dict, np.ndarray]:

@@ -27,27 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SCENARIOS = [("single", 1, 1), ("single", 8, 1), ("single", 32, 1), ("batch", 4, 16)]  # (api, clients, texts)
 
 
-def int8_folder(pytorch: Path, dest: Path) -> Path:
-    from optimum.onnxruntime import ORTModelForSequenceClassification, ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-    from transformers import AutoTokenizer
-
-    from toolkit.stages.quantize import detect_instruction_set
-
-    export = dest / "export"
-    ORTModelForSequenceClassification.from_pretrained(pytorch, export=True).save_pretrained(export)
-    isa, _ = detect_instruction_set()  # the quantize stage's own detection
-    qconfig = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=False)
-    ORTQuantizer.from_pretrained(export).quantize(qconfig, save_dir=dest / "int8")
-    AutoTokenizer.from_pretrained(pytorch).save_pretrained(dest / "int8")
-    shutil.copy(export / "config.json", dest / "int8" / "config.json")
-    return dest / "int8"
-
-
 def served_artifact(run_dir: Path, work: Path):
     """The run's selection when it is ONNX, else an INT8 export of its PyTorch model; and the PyTorch model."""
     from toolkit.manifest import Manifest
     from toolkit.stages.base import Artifact
+    from toolkit.stages.onnx_common import int8_from_pytorch
 
     manifest = Manifest.load(run_dir)
     pytorch = next(
@@ -58,7 +42,7 @@ def served_artifact(run_dir: Path, work: Path):
     selection = manifest.data.get("selection")
     selected = Artifact.from_json(selection["artifact"]) if selection else Artifact(pytorch, "pytorch", "train")
     if selected.format != "onnx":
-        selected = Artifact(int8_folder(pytorch, work), "onnx", "int8")
+        selected = Artifact(int8_from_pytorch(pytorch, work), "onnx", "int8")
     return manifest, selected, pytorch
 
 

@@ -114,6 +114,10 @@ def untrained_accuracy(folder: Path, data_dir: Path) -> float:
         ({"student": {"model": "./missing-folder"}}, "neither an existing folder"),
         ({"student": {"num_layers": 1}, "kd_weight": 0}, "every loss weight is 0"),
         ({"student": {"num_layers": 1}, "temperature": 0}, "greater than 0"),
+        (
+            {"student": {"num_layers": 1}, "augment": {"copies": 1, "noise": 0.1}},
+            "augment.noise: unknown key; allowed keys: copies",
+        ),
     ],
 )
 def test_bad_distill_options_rejected_at_validation(toy_recipe, write_recipe, options, message):
@@ -127,7 +131,9 @@ def test_bad_distill_options_rejected_at_validation(toy_recipe, write_recipe, op
 def test_two_process_distillation_under_accelerate_launch(toy_recipe, write_recipe, tmp_path):
     toy_recipe["stages"] += [
         {"type": "prune", "heads_per_layer": 2, "importance_batches": 2, "recover_epochs": 1, "batch_size": 16},
-        distill_stage(student={"num_layers": 1}, hidden_mse_weight=1.0, attention_mse_weight=1.0, epochs=4),
+        distill_stage(
+            student={"num_layers": 1}, hidden_mse_weight=1.0, attention_mse_weight=1.0, epochs=4, augment={"copies": 1}
+        ),
     ]
     launch_two_processes(write_recipe(toy_recipe), tmp_path)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())

@@ -6,7 +6,6 @@ and returns logits as numpy. `PREDICTORS` maps an artifact format to its loader;
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".pt")
 
 
 def resolve_threads(threads: int) -> int:
-    return threads or os.cpu_count() or 1
+    """The recipe's thread count; 0 means every core this process may use."""
+    from toolkit.serving.runtime import available_cores
+
+    return threads or available_cores()
 
 
 def resolve_device(device: str) -> str:
@@ -84,26 +86,19 @@ class PyTorchPredictor(Predictor):
 
 
 class OnnxPredictor(Predictor):
-    """ONNX Runtime on the folder's one graph: the recipe's threads within an op and one between ops (a
-    classifier's graph is a single chain). On CUDA, inputs and outputs are bound to the device (IO binding)."""
+    """ONNX Runtime on the folder's one graph, in the session the service runs (`serving.runtime.ort_session`).
+    On CUDA, inputs and outputs are bound to the device (IO binding)."""
 
     format = "onnx"
 
     def __init__(self, path: Path | str, max_length: int, threads: int, device: str = "cpu"):
-        import onnxruntime as ort
-
+        from toolkit.serving.runtime import ort_session
         from toolkit.stages.onnx_common import onnx_file
 
         super().__init__(path, max_length, threads, device)
         self.file = onnx_file(path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        use_cuda = self.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
-        self.device = "cuda" if use_cuda else "cpu"
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.file), options, providers=providers)
+        self.session = ort_session(self.file, self.threads, cuda=self.device == "cuda")
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def _feed(self, texts: list[str]) -> dict[str, np.ndarray]:

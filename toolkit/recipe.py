@@ -8,6 +8,7 @@ run. Stage option models live beside their stage in `toolkit.stages`; the regist
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -325,9 +326,12 @@ def _allowed_keys(loc: tuple, raw: dict) -> list[str]:
     for item in loc:
         field = model.model_fields.get(item) if isinstance(item, str) else None
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # `X | None` (an optional section such as distill's `augment`): the model inside.
+        members = [annotation, *typing.get_args(annotation)]
+        found = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if not found:
             return []
-        model = annotation
+        model = found[0]
     return list(model.model_fields)
 
 

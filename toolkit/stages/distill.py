@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
+from toolkit.augmentation import AugmentConfig
 from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
 from toolkit.stages.train import LoopOptions
 
@@ -69,6 +70,8 @@ class DistillConfig(StageBase, LoopOptions):
     # layer_map[i]: the teacher layer (0-based) student layer i learns from; default: the kept layers for a
     # layer subset, evenly spaced teacher layers otherwise.
     layer_map: list[int] | None = None
+    # Noisy copies of the training texts, labelled by the teacher (see toolkit.augmentation); off by default.
+    augment: AugmentConfig | None = None
 
     @field_validator("layer_map")
     @classmethod
@@ -128,7 +131,8 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
         tokenized = ctx.data.tokenized(tokenizer, ctx.recipe.model.max_length)
     train_dl, eval_dl = make_dataloaders(tokenized, tokenizer, cfg)
     steps = -(-len(train_dl) // accelerator.num_processes) * cfg.epochs
-    wrapper = make_distiller(cfg, student, teacher, layer_map, steps)
+    noise = NoiseSource(cfg.augment, tokenizer, cfg.seed + accelerator.process_index) if cfg.augment else None
+    wrapper = make_distiller(cfg, student, teacher, layer_map, steps, noise)
     info = fit(
         accelerator,
         wrapper,
@@ -225,7 +229,42 @@ def check_layer_map(layer_map: list[int], student_layers: int, teacher_layers: i
         raise ValueError(f"layer_map {layer_map}: the teacher has layers 0..{teacher_layers - 1}")
 
 
-def make_distiller(cfg: DistillConfig, student, teacher, layer_map: list[int], steps: int):
+class NoiseSource:
+    """Appends the augmentation's noisy copies to a training batch, with its own seeded generator."""
+
+    def __init__(self, cfg: AugmentConfig, tokenizer, seed: int):
+        import torch
+
+        if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("augment needs a tokenizer with [MASK] and [PAD] tokens")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def extend(self, inputs: dict) -> dict:
+        from toolkit.augmentation import noisy_copies
+
+        copies = noisy_copies(
+            inputs, self.cfg, self.tokenizer.mask_token_id, self.tokenizer.pad_token_id, self.generator
+        )
+        return concat_padded(inputs, copies, self.tokenizer.pad_token_id)
+
+
+def concat_padded(a: dict, b: dict, pad_id: int) -> dict:
+    """Rows of `a` then rows of `b`, right-padded to the wider of the two."""
+    import torch
+
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return {
+        k: torch.cat([pad(a[k], pad_id if k == "input_ids" else 0), pad(b[k], pad_id if k == "input_ids" else 0)])
+        for k in a
+    }
+
+
+def make_distiller(cfg: DistillConfig, student, teacher, layer_map: list[int], steps: int, noise=None):
     import torch
     from textbrewer import losses
     from torch import nn
@@ -255,6 +294,9 @@ def make_distiller(cfg: DistillConfig, student, teacher, layer_map: list[int], s
 
         def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
+            labelled = len(batch["labels"])
+            if noise is not None and self.training:
+                inputs = noise.extend(inputs)
             deep = bool(cfg.hidden_mse_weight or cfg.attention_mse_weight)
             extra = {
                 "output_hidden_states": bool(cfg.hidden_mse_weight),
@@ -269,7 +311,9 @@ def make_distiller(cfg: DistillConfig, student, teacher, layer_map: list[int], s
             if cfg.kd_weight:
                 loss = loss + cfg.kd_weight * losses.kd_ce_loss(out_s.logits, out_t.logits, self.temperature())
             if cfg.hard_label_weight:
-                loss = loss + cfg.hard_label_weight * nn.functional.cross_entropy(out_s.logits, batch["labels"])
+                loss = loss + cfg.hard_label_weight * nn.functional.cross_entropy(
+                    out_s.logits[:labelled], batch["labels"]
+                )
             mask = inputs.get("attention_mask")
             for i, t in enumerate(layer_map):
                 if cfg.hidden_mse_weight:

@@ -1,5 +1,5 @@
 """`optimize`: ONNX Runtime's transformer graph optimizer through Optimum's `ORTOptimizer` (O1: generic graph
-rewrites; O2: plus transformer fusions such as Attention and SkipLayerNormalization; O3: plus the FastGelu
+rewrites; O2: plus transformer fusions such as Attention, BiasGelu and (for the GPU) SkipLayerNormalization; O3: plus the FastGelu
 approximation), optionally converted to FP16. The fused node types are counted in the result, because a
 transformers release that changes the exported graph can make fusion stop without any error."""
 
@@ -16,6 +16,9 @@ class OptimizeConfig(StageBase):
     level: Literal["O1", "O2", "O3"] = "O2"
     # auto: FP16 only when ONNX Runtime has the CUDA execution provider; on CPU FP16 adds casts and runs no faster.
     fp16: Literal["auto", True, False] = "auto"
+    # Fuse residual Add + LayerNormalization into SkipLayerNormalization. auto: only for the GPU (with fp16);
+    # ONNX Runtime's CPU kernel for it is slower than the unfused ops (see serving.runtime.ort_session).
+    fuse_skip_layer_norm: Literal["auto", True, False] = "auto"
     parity: ParityGate = ParityGate()
 
     input_format: ClassVar[str] = "onnx"
@@ -38,7 +41,14 @@ def run(cfg: OptimizeConfig, ctx: StageContext) -> StageResult:
     src_file = onnx_file(source.path)
     fp16 = resolve_fp16(cfg.fp16, ctx.recipe.device)
     # FP16 conversion targets the GPU; optimizing for the GPU also picks GPU-only fusions where there are some.
-    options = AutoOptimizationConfig.with_optimization_level(cfg.level, for_gpu=fp16, fp16=fp16)
+    fuse_sln = fp16 if cfg.fuse_skip_layer_norm == "auto" else bool(cfg.fuse_skip_layer_norm)
+    options = AutoOptimizationConfig.with_optimization_level(
+        cfg.level,
+        for_gpu=fp16,
+        fp16=fp16,
+        disable_skip_layer_norm_fusion=not fuse_sln,
+        disable_bias_skip_layer_norm_fusion=not fuse_sln,
+    )
     ORTOptimizer.from_pretrained(source.path, file_names=[src_file.name]).optimize(
         options, ctx.out_dir, file_suffix=None
     )
@@ -48,6 +58,7 @@ def run(cfg: OptimizeConfig, ctx: StageContext) -> StageResult:
         "source": source.stage,
         "level": cfg.level,
         "fp16": fp16,
+        "skip_layer_norm_fused": fuse_sln,
         "fused_ops": fused,
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),
