@@ -14,7 +14,7 @@ NEGATIVE = ["bad", "awful", "poor", "terrible", "dull"]
 FILLER = ["the", "movie", "film", "plot", "actor", "was", "is", "very", "a", "story", "and", "it"]
 
 
-def launch_two_processes(recipe: Path, cwd: Path):
+def launch_two_processes(recipe: Path, cwd: Path, expect_success: bool = True):
     """`accelerate launch --multi_gpu --num_processes 2 -m toolkit run RECIPE` (two CPU processes, gloo DDP)."""
     import os
     import subprocess
@@ -25,7 +25,7 @@ def launch_two_processes(recipe: Path, cwd: Path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "toolkit", "run", str(recipe)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode == 0) == expect_success, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 

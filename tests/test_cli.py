@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,19 @@ def test_two_process_accelerate_launch_fine_tune(toy_recipe, write_recipe, tmp_p
     assert train["info"]["train_batches_per_process"] == -(-single_batches // 2)
     assert train["evaluation"]["accuracy"] >= 0.9
     assert done.stdout.count("run folder:") == 1  # the table is printed by the main process only
+
+
+@pytest.mark.slow
+def test_two_processes_both_stop_when_a_main_only_stage_fails(toy_recipe, write_recipe, tmp_path):
+    """A main-process-only stage (push, offline here) fails: the other process learns it and exits too, instead
+    of waiting at the next barrier until the launcher's timeout."""
+    toy_recipe["stages"][0]["epochs"] = 1
+    toy_recipe["stages"].append({"type": "push", "repo_id": "user/toy"})
+    start = time.perf_counter()
+    done = launch_two_processes(write_recipe(toy_recipe), tmp_path, expect_success=False)
+    assert time.perf_counter() - start < 300
+    output = done.stdout + done.stderr
+    assert "stage 'push' failed: HubError: HF_HUB_OFFLINE is set" in output
+    assert "on another process: HubError" in output  # the second process's own error names the first one's
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["push"]["status"] == "failed"

@@ -10,8 +10,12 @@ changed), only the losses against the teacher.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # the recipe imports AugmentConfig, and `toolkit --help` must not load torch
+    import torch
 
 
 class AugmentConfig(BaseModel):
@@ -32,6 +36,8 @@ def noisy_copies(
 ) -> dict[str, torch.Tensor]:
     """`cfg.copies` noisy copies of every row of a padded batch (input_ids, attention_mask[, token_type_ids]),
     padded to their own longest row; rows are [CLS] text [SEP] as a BERT tokenizer makes them."""
+    import torch
+
     ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
     lengths = mask.sum(dim=1).tolist()
     pool = torch.cat([ids[i, 1 : n - 1] for i, n in enumerate(lengths)])
@@ -53,6 +59,8 @@ def noisy_copies(
 
 def noisy_row(row: torch.Tensor, cfg: AugmentConfig, mask_id: int, pool: torch.Tensor, generator: torch.Generator):
     """One copy of `[CLS] t1..tn [SEP]`: a random span of the text, then per-piece drop/mask/swap."""
+    import torch
+
     body = row[1:-1]
     n = len(body)
     if n > 1 and torch.rand((), generator=generator) < cfg.crop_probability:

@@ -149,15 +149,20 @@ class Runner:
     def _select(self) -> Artifact:
         from toolkit.selection import select, selected_artifact
 
+        error = None
         if self.state.is_main_process:
             try:
                 self.manifest.data["selection"] = select(self.manifest, self.recipe)
-            except ValueError as exc:
-                raise PlanError(str(exc)) from None
-            self.manifest.save()
-            chosen = self.manifest.data["selection"]
-            self.say(f"[bold]selected:[/bold] {chosen['stage']} ({chosen['reason']})")
-        self.state.wait_for_everyone()
+                self.manifest.save()
+                chosen = self.manifest.data["selection"]
+                self.say(f"[bold]selected:[/bold] {chosen['stage']} ({chosen['reason']})")
+            except Exception as exc:
+                error = exc
+        failure = self._shared_failure(error)
+        if error is not None and not isinstance(error, ValueError):
+            raise error
+        if failure is not None:
+            raise PlanError(str(error) if error else failure) from None
         self.manifest = Manifest.load(self.run_dir)
         return selected_artifact(self.manifest.data["selection"])
 
@@ -234,9 +239,9 @@ class Runner:
                 result = stage.run(cfg, ctx)
         except Exception as exc:  # recorded, then raised as a StageError with the stage's name
             error = exc
-        self.state.wait_for_everyone()
-        if error is not None:
-            self._fail(name, ctx.out_dir, error)
+        failure = self._shared_failure(error)
+        if failure is not None:
+            self._fail(name, ctx.out_dir, error or RuntimeError(f"on another process: {failure}"))
         if not self.state.is_main_process:
             return self._result_from_main(name)
         shutil.rmtree(final, ignore_errors=True)
@@ -258,6 +263,18 @@ class Runner:
         )
         self.state.wait_for_everyone()
         return StageResult(artifact, result.info)
+
+    def _shared_failure(self, error: Exception | None) -> str | None:
+        """Whether any process failed (its message), known to every process; also a barrier. Without it an
+        exception in a main-only step left the other processes waiting at the next barrier until the launcher
+        killed them, with no word of why."""
+        mine = f"{type(error).__name__}: {error}" if error is not None else None
+        if self.state.num_processes == 1:
+            return mine
+        from accelerate.utils import gather_object
+
+        failed = [m for m in gather_object([mine]) if m]
+        return failed[0] if failed else None
 
     def _result_from_main(self, name: str) -> StageResult:
         self.state.wait_for_everyone()  # the main process renames and records first
@@ -281,36 +298,47 @@ class Runner:
         raise StageError(f"stage {name!r} failed: {type(error).__name__}: {error}") from error
 
     def _evaluate(self, name: str, artifact: Artifact, data: PreparedData) -> None:
+        error = None
+        try:
+            if self.state.is_main_process:
+                self._evaluate_on_main(name, artifact, data)
+        except Exception as exc:
+            error = exc
+        failure = self._shared_failure(error)
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise StageError(f"evaluating {name!r} failed on the main process: {failure}")
+
+    def _evaluate_on_main(self, name: str, artifact: Artifact, data: PreparedData) -> None:
         from toolkit.evaluation import evaluate_artifact
 
-        if self.state.is_main_process:
-            entry = self.manifest.stage(name)
-            eval_fp = fingerprint(entry["fingerprint"], self.recipe.evaluate.model_dump(), self.recipe.model.max_length)
-            logits_file = self.run_dir / "evals" / f"{name}.logits.npy"
-            if entry.get("eval_fingerprint") != eval_fp or not logits_file.is_file() or name in self.plan.force:
-                self.say(f"  evaluating {name} on the {self.recipe.evaluate.split} split")
-                logits_file.parent.mkdir(exist_ok=True)
-                # The stage's own record of its input: an export may have read an earlier model than the last one.
-                reference = self.run_dir / "evals" / f"{entry['input']['stage']}.logits.npy"
-                start = time.perf_counter()
-                result = evaluate_artifact(
-                    artifact,
-                    data,
-                    self.recipe.evaluate,
-                    self.recipe.model.max_length,
-                    logits_file,
-                    np.load(reference) if reference.is_file() else None,
-                    device=self.recipe.device,
-                )
-                self._update(
-                    name,
-                    {
-                        "evaluation": result,
-                        "eval_fingerprint": eval_fp,
-                        "eval_seconds": round(time.perf_counter() - start, 2),
-                    },
-                )
-        self.state.wait_for_everyone()
+        entry = self.manifest.stage(name)
+        eval_fp = fingerprint(entry["fingerprint"], self.recipe.evaluate.model_dump(), self.recipe.model.max_length)
+        logits_file = self.run_dir / "evals" / f"{name}.logits.npy"
+        if entry.get("eval_fingerprint") != eval_fp or not logits_file.is_file() or name in self.plan.force:
+            self.say(f"  evaluating {name} on the {self.recipe.evaluate.split} split")
+            logits_file.parent.mkdir(exist_ok=True)
+            # The stage's own record of its input: an export may have read an earlier model than the last one.
+            reference = self.run_dir / "evals" / f"{entry['input']['stage']}.logits.npy"
+            start = time.perf_counter()
+            result = evaluate_artifact(
+                artifact,
+                data,
+                self.recipe.evaluate,
+                self.recipe.model.max_length,
+                logits_file,
+                np.load(reference) if reference.is_file() else None,
+                device=self.recipe.device,
+            )
+            self._update(
+                name,
+                {
+                    "evaluation": result,
+                    "eval_fingerprint": eval_fp,
+                    "eval_seconds": round(time.perf_counter() - start, 2),
+                },
+            )
 
     def _passes_gate(self, cfg, source: Artifact) -> bool:
         """Judge a gated stage's parity; a failure is recorded as `failed_gate` and said plainly."""
