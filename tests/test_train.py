@@ -24,3 +24,32 @@ def test_tiny_fine_tune_learns_separable_task(toy_recipe, write_recipe, tmp_path
     saved = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert saved["stages"]["train"]["evaluation"]["speed"]["threads"] == 1
     assert saved["data"]["label_names"] == ["negative", "positive"]
+
+
+def test_group_by_length_pads_less_and_still_sees_every_text_once(tiny_model):
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer
+
+    from toolkit.stages.train import LoopOptions
+    from toolkit.training import make_dataloaders
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [" ".join(["good"] * (1 + i % 23)) for i in range(200)]
+    split = Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(200)]})
+    encoded = split.map(lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
+    encoded = encoded.rename_column("label", "labels")
+    tokenized = DatasetDict({"train": encoded, "validation": encoded})
+
+    def epoch(group: bool) -> tuple[int, list[int]]:
+        opts = LoopOptions(batch_size=8, group_by_length=group)
+        train_dl, _ = make_dataloaders(tokenized, tokenizer, opts)
+        padded, seen = 0, []
+        for batch in train_dl:
+            padded += int((batch["attention_mask"] == 0).sum())
+            seen += batch["attention_mask"].sum(dim=1).tolist()
+        return padded, sorted(seen)
+
+    grouped, grouped_seen = epoch(True)
+    shuffled, shuffled_seen = epoch(False)
+    assert grouped_seen == shuffled_seen == sorted(len(ids) for ids in encoded["input_ids"])
+    assert grouped < shuffled / 3, (grouped, shuffled)

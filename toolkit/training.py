@@ -64,7 +64,14 @@ def make_dataloaders(
     train = tokenized["train"].with_format("torch", columns=columns)
     evaluation = tokenized[eval_split].with_format("torch", columns=columns)
     generator = torch.Generator().manual_seed(opts.seed)
-    train_dl = DataLoader(train, batch_size=opts.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    if opts.group_by_length:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        lengths = [len(ids) for ids in tokenized["train"]["input_ids"]]
+        sampler = LengthGroupedSampler(opts.batch_size, lengths=lengths, generator=generator)
+        train_dl = DataLoader(train, batch_size=opts.batch_size, sampler=sampler, collate_fn=collate)
+    else:
+        train_dl = DataLoader(train, batch_size=opts.batch_size, shuffle=True, collate_fn=collate, generator=generator)
     eval_dl = DataLoader(evaluation, batch_size=opts.eval_batch_size, collate_fn=collate)
     return train_dl, eval_dl
 

@@ -88,8 +88,9 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
     model = AutoModelForSequenceClassification.from_pretrained(ctx.source.path)
     with accelerator.main_process_first():
         tokenized = ctx.data.tokenized(tokenizer, ctx.recipe.model.max_length)
-    # Every process scores the same batches in the same order, so all of them cut the same model.
-    score_dl, eval_dl = make_dataloaders(tokenized, tokenizer, cfg)
+    # Every process scores the same batches in the same order, so all of them cut the same model; plainly
+    # shuffled batches, since length-grouped ones would put the longest texts first.
+    score_dl, eval_dl = make_dataloaders(tokenized, tokenizer, cfg.model_copy(update={"group_by_length": False}))
     before = {"heads": pruning.head_counts(model), "ffn_size": pruning.ffn_sizes(model)[0]}
     head_goal, ffn_goal = targets(cfg, model)
     rounds = []

@@ -26,6 +26,9 @@ class LoopOptions(BaseModel):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     seed: int = 42
     metric_for_best: Literal["accuracy", "macro_f1"] = "accuracy"
+    # Batches of texts of similar length (transformers' LengthGroupedSampler: random mega-batches sorted by
+    # length), so a batch pads less; order stays random between batches.
+    group_by_length: bool = False
 
 
 class TrainConfig(StageBase, LoopOptions):
