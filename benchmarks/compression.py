@@ -2,8 +2,9 @@
 
 Reads a run folder made by `toolkit run recipes/full.yaml` (fine-tune -> prune -> distill [-> export ->
 quantize]): the fine-tuned teacher (`train`, PyTorch FP32), the distilled student (`distill`, PyTorch FP32) and
-the student as dynamic INT8 ONNX: the run's own quantized artifact when the recipe has one, otherwise exported
-and quantized here with optimum's ORTQuantizer. Every model is timed with the same threads, texts and warm-up.
+the student as dynamic INT8 ONNX: the run's own quantized artifact when the recipe has one, otherwise made here
+by the toolkit's export, optimize and quantize stages. Every model is timed with the same threads, texts and
+warm-up.
 
     flock /tmp/toolkit-heavy.lock python benchmarks/compression.py --run runs/full
 """

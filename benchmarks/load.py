@@ -4,8 +4,8 @@ would otherwise write (transformers `pipeline` behind a threaded HTTP server), b
     flock /tmp/toolkit-heavy.lock python benchmarks/load.py runs/ci [--seconds 10]
 
 RUN_DIR is a finished run (`python -m toolkit run recipes/ci.yaml`): its fine-tuned PyTorch model is the
-baseline; an ONNX dynamic-INT8 export of it (made here with Optimum's ORTQuantizer when the run selected no
-ONNX model) is packaged into a temporary BentoML store and served. Prints one table row per scenario.
+baseline; the run's selected ONNX model (or, when it selected none, a dynamic-INT8 model of the PyTorch one made
+here by the toolkit's export, optimize and quantize stages) is packaged into a temporary BentoML store and served. Prints one table row per scenario.
 """
 
 from __future__ import annotations
