@@ -22,10 +22,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from toolkit.config import SpeedConfig  # noqa: E402
 from toolkit.data import PreparedData  # noqa: E402
 from toolkit.evaluation import measure_speed, parity  # noqa: E402
-from toolkit.predictors import Predictor, load_predictor, weights_size  # noqa: E402
-from toolkit.recipe import SpeedConfig  # noqa: E402
+from toolkit.runtime import InferenceModel, load_model, weights_size  # noqa: E402
 
 TARGETS = {"accuracy_drop_points": 1.0, "speedup_batch1": 12.0, "speedup_batch32": 10.0}
 
@@ -37,14 +37,14 @@ def int8_student(run: Path, student: Path, work: Path, fuse: bool) -> tuple[Path
     for name, entry in manifest.get("stages", {}).items():
         if entry.get("type") == "quantize" and entry.get("status") == "done" and entry.get("output"):
             return Path(entry["output"]["path"]), f"run stage {name!r}"
-    from toolkit.stages.onnx_common import int8_from_pytorch
+    from toolkit.stages.chain import int8_from_pytorch
 
     folder = int8_from_pytorch(student, work, fuse=fuse)
     steps = "export, optimize (O2), quantize" if fuse else "export, quantize"
     return folder, f"the {steps} stages with default options, here"
 
 
-def measure(name: str, predictor: Predictor, data: PreparedData, speed: SpeedConfig) -> tuple[dict, np.ndarray]:
+def measure(name: str, predictor: InferenceModel, data: PreparedData, speed: SpeedConfig) -> tuple[dict, np.ndarray]:
     texts = data.texts("test")
     logits = predictor.logits_batched(texts, 64)
     accuracy = float((logits.argmax(-1) == data.labels("test")).mean())
@@ -83,7 +83,7 @@ def main() -> None:
             ("student 3L pruned PyTorch FP32", student, "pytorch"),
             ("student 3L pruned ONNX INT8", int8, "onnx"),
         ):
-            predictor = load_predictor(path, fmt, args.max_length, args.threads)
+            predictor = load_model(path, fmt, args.max_length, args.threads, "cpu")
             row, logits = measure(name, predictor, data, speed)
             if outputs:
                 # INT8 against FP32 student, FP32 student against teacher: what each step changed.

@@ -29,9 +29,8 @@ SCENARIOS = [("single", 1, 1), ("single", 8, 1), ("single", 32, 1), ("batch", 4,
 
 def served_artifact(run_dir: Path, work: Path):
     """The run's selection when it is ONNX, else an INT8 export of its PyTorch model; and the PyTorch model."""
-    from toolkit.manifest import Manifest
-    from toolkit.stages.base import Artifact
-    from toolkit.stages.onnx_common import int8_from_pytorch
+    from toolkit.manifest import Artifact, Manifest
+    from toolkit.stages.chain import int8_from_pytorch
 
     manifest = Manifest.load(run_dir)
     pytorch = next(

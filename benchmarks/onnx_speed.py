@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from toolkit.data import PreparedData
 from toolkit.manifest import Manifest
 from toolkit.metrics import classification_metrics
-from toolkit.predictors import load_predictor
+from toolkit.runtime import load_model
 
 VARIANTS = (("PyTorch FP32", "source"), ("ONNX FP32", "export"), ("ONNX O2", "optimize"), ("ONNX INT8", "quantize"))
 
@@ -53,7 +53,7 @@ def texts_of_length(texts: list[str], tokenizer, length: int, count: int) -> lis
     out, i = [], 0
     while len(out) < count:
         parts = []
-        while len(tokenizer(" ".join(parts), add_special_tokens=False)["input_ids"]) < length:
+        while tokenizer.count(" ".join(parts)) < length:
             parts.append(texts[i % len(texts)])
             i += 1
         out.append(" ".join(parts))
@@ -86,7 +86,7 @@ def main() -> None:
     texts, labels = data.texts("test"), data.labels("test")
     max_length = manifest.data["recipe"]["model"]["max_length"]
     predictors = {
-        label: load_predictor(path, fmt, max_length, args.threads)
+        label: load_model(path, fmt, max_length, args.threads, "cpu")
         for label, (path, fmt) in stage_paths(manifest).items()
     }
     results: dict[str, dict] = {label: {} for label in predictors}
@@ -99,7 +99,7 @@ def main() -> None:
         bulk = texts_of_length(texts, tokenizer, length, args.batch_size * (4 if length < 512 else 2))
         batches = [bulk[i : i + args.batch_size] for i in range(0, len(bulk), args.batch_size)]
         for label, predictor in predictors.items():
-            predictor.max_length = length
+            predictor.tokenizer.set_max_length(length)
             lat = np.asarray(time_batches(predictor, [[t] for t in singles], warmup=3)) * 1000
             bulk_s = time_batches(predictor, batches, warmup=1)
             results[label][length] = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolkit.augmentation import AugmentConfig, noisy_copies
+from toolkit.augmentation import noisy_copies
+from toolkit.config import AugmentConfig
 
 CLS, SEP, PAD, MASK = 101, 102, 0, 103
 

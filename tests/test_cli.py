@@ -91,3 +91,48 @@ def test_two_processes_both_stop_when_a_main_only_stage_fails(toy_recipe, write_
     assert "on another process: HubError" in output  # the second process's own error names the first one's
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stages"]["push"]["status"] == "failed"
+
+
+def test_every_toolkit_error_shares_one_base():
+    from toolkit.data import DataError
+    from toolkit.errors import ToolkitError
+    from toolkit.hub import HubError
+    from toolkit.pipeline import PlanError, StageError
+    from toolkit.pruning import PruningError
+    from toolkit.recipe import RecipeError
+    from toolkit.sources import SourceError
+
+    for error in (DataError, HubError, PlanError, StageError, PruningError, RecipeError, SourceError):
+        assert issubclass(error, ToolkitError), error
+
+
+def test_unexpected_error_is_one_line_and_the_traceback_goes_to_the_run_log(toy_recipe, write_recipe, tmp_path):
+    from unittest import mock
+
+    from toolkit.cli import app
+
+    def broken(self):
+        raise KeyError("a bug in selection")
+
+    with mock.patch("toolkit.pipeline.runner.Runner._select", broken):
+        result = CliRunner().invoke(app, ["run", str(write_recipe(toy_recipe))])
+    log_file = tmp_path / "run" / "run.log"
+    assert result.exit_code == 1
+    assert f"error: unexpected KeyError: 'a bug in selection'; the traceback is in {log_file}" in result.output
+    assert "Traceback" not in result.output
+    logged = log_file.read_text()
+    assert "Traceback" in logged and "raise KeyError" in logged
+    assert "train (train) from pretrained" in logged  # the progress too, not only the failure
+
+
+def test_engine_logs_through_logging_for_library_users(toy_recipe, write_recipe, caplog):
+    import logging
+
+    from toolkit.pipeline import run_recipe
+    from toolkit.recipe import load_recipe
+
+    with caplog.at_level(logging.INFO, logger="toolkit"):
+        run_recipe(load_recipe(write_recipe(toy_recipe)))
+    messages = [r.getMessage() for r in caplog.records if r.name == "toolkit"]
+    assert "train (train) from pretrained" in messages
+    assert any(m.startswith("selected: train") for m in messages)

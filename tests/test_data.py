@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import toy_examples, write_tsv
 
+from toolkit.config import DataConfig
 from toolkit.data import DataError, prepare_data, read_all
-from toolkit.recipe import DataConfig, parse_recipe
+from toolkit.recipe import parse_recipe
 
 
 def data_config(tmp_path: Path, **data) -> DataConfig:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import launch_two_processes
 
+from toolkit.config import spaced_layers
 from toolkit.pipeline import run_recipe
 from toolkit.recipe import RecipeError, load_recipe
-from toolkit.stages.distill import spaced_layers
 
 
 def four_layer_teacher(tiny_model, tmp_path) -> Path:
@@ -93,10 +93,10 @@ def untrained_accuracy(folder: Path, data_dir: Path) -> float:
     from transformers import AutoModelForSequenceClassification
 
     from toolkit.data import PreparedData
-    from toolkit.predictors import PyTorchPredictor
+    from toolkit.runtime.model import TorchModel
 
     torch.manual_seed(0)
-    predictor = PyTorchPredictor(folder, max_length=16, threads=1)
+    predictor = TorchModel(folder, max_length=16, threads=1, device="cpu")
     predictor.model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
     data = PreparedData(data_dir, ["negative", "positive"], "")
     logits = predictor.logits_batched(data.texts("test"), 64)

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from toolkit.cli import app
-from toolkit.predictors import load_predictor
+from toolkit.runtime import load_model, onnx_file
 from toolkit.stages import REGISTRY, Artifact, Stage, StageContext
 from toolkit.stages import export as export_stage
 from toolkit.stages import optimize as optimize_stage
 from toolkit.stages import quantize as quantize_stage
-from toolkit.stages.onnx_common import onnx_file
 
 ONNX_STAGES = [
     {"type": "export"},
@@ -157,16 +155,15 @@ def prune(tiny_model: Path, folder: Path) -> Path:
 def stage_ctx(tmp_path: Path, name: str, source: Artifact, artifacts: dict) -> StageContext:
     out = tmp_path / name
     out.mkdir()
-    recipe = SimpleNamespace(device="cpu")
-    return StageContext(recipe, tmp_path, out, None, source, dict(artifacts))  # type: ignore[arg-type]
+    return StageContext(run_dir=tmp_path, out_dir=out, source=source, artifacts=dict(artifacts), device="cpu")
 
 
 def test_pruned_model_exports_fuses_and_quantizes_with_matching_logits(tiny_model, tmp_path):
     pruned = Artifact(prune(tiny_model, tmp_path / "pruned"), "pytorch", "prune")
     exported = export_stage.run(export_stage.ExportConfig(type="export"), stage_ctx(tmp_path, "e", pruned, {}))
     assert exported.info["heads_per_layer"] == [2, 3] and exported.info["intermediate_size"] == 40
-    reference = load_predictor(pruned.path, "pytorch", 16, 1).logits(TEXTS)
-    onnx_logits = load_predictor(exported.artifact.path, "onnx", 16, 1).logits(TEXTS)
+    reference = load_model(pruned.path, "pytorch", 16, 1, "cpu").logits(TEXTS)
+    onnx_logits = load_model(exported.artifact.path, "onnx", 16, 1, "cpu").logits(TEXTS)
     np.testing.assert_allclose(onnx_logits, reference, atol=1e-4)
 
     arts = {"prune": pruned, "e": exported.artifact}
@@ -178,7 +175,7 @@ def test_pruned_model_exports_fuses_and_quantizes_with_matching_logits(tiny_mode
     assert optimized.info["fused_ops"].get("SkipLayerNormalization", 0) >= 2  # asked for, so fused on the CPU too
     assert "FastGelu" in optimized.info["fused_ops"] or "BiasGelu" in optimized.info["fused_ops"]
     np.testing.assert_allclose(
-        load_predictor(optimized.artifact.path, "onnx", 16, 1).logits(TEXTS), reference, atol=1e-3
+        load_model(optimized.artifact.path, "onnx", 16, 1, "cpu").logits(TEXTS), reference, atol=1e-3
     )
 
     arts["o"] = optimized.artifact
@@ -188,7 +185,7 @@ def test_pruned_model_exports_fuses_and_quantizes_with_matching_logits(tiny_mode
     )
     assert quantized.info["per_channel"] is True
     assert sorted(p.name for p in Path(quantized.artifact.path).glob("*.onnx")) == ["model.onnx"]
-    q_logits = load_predictor(quantized.artifact.path, "onnx", 16, 1).logits(TEXTS)
+    q_logits = load_model(quantized.artifact.path, "onnx", 16, 1, "cpu").logits(TEXTS)
     assert q_logits.shape == reference.shape and np.isfinite(q_logits).all()
 
     # An export after an ONNX stage reads the newest PyTorch model.
@@ -230,11 +227,12 @@ def test_invalid_onnx_options_fail_validation(toy_recipe, write_recipe, stages, 
 
 
 def test_int8_from_pytorch_runs_the_stages_outside_a_run(tiny_model, tmp_path):
-    from toolkit.stages.onnx_common import int8_from_pytorch, op_counts
+    from toolkit.stages.chain import int8_from_pytorch
+    from toolkit.stages.onnx_common import op_counts
 
     folder = int8_from_pytorch(tiny_model, tmp_path / "work")
     assert folder == tmp_path / "work" / "quantize"
     ops = op_counts(onnx_file(folder))
     assert ops.get("QAttention") == 2 and "SkipLayerNormalization" not in ops, ops
-    reference = load_predictor(tiny_model, "pytorch", 16, 1).logits(TEXTS)
-    np.testing.assert_allclose(load_predictor(folder, "onnx", 16, 1).logits(TEXTS), reference, atol=0.1)
+    reference = load_model(tiny_model, "pytorch", 16, 1, "cpu").logits(TEXTS)
+    np.testing.assert_allclose(load_model(folder, "onnx", 16, 1, "cpu").logits(TEXTS), reference, atol=0.1)

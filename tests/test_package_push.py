@@ -27,7 +27,7 @@ def packaged_run(toy_recipe, write_recipe, tmp_path):
 def test_recipe_packages_pytorch_and_service_serves_it(packaged_run, tmp_path):
     import bentoml
 
-    from toolkit.predictors import PyTorchPredictor
+    from toolkit.runtime import load_model
     from toolkit.serving.launch import serving
 
     run_dir, manifest = packaged_run
@@ -40,7 +40,7 @@ def test_recipe_packages_pytorch_and_service_serves_it(packaged_run, tmp_path):
     assert (stored.path_of("model.safetensors")) and (run_dir / "train" / "model.safetensors").is_file()
 
     texts = ["the movie was great", "awful and dull", "a superb story", "the plot was poor"]
-    own = PyTorchPredictor(run_dir / "train", 16, 1).logits(texts).argmax(-1).tolist()
+    own = load_model(run_dir / "train", "pytorch", 16, 1, "cpu").logits(texts).argmax(-1).tolist()
     with serving(log=tmp_path / "serve.log") as url:  # no TOOLKIT_MODEL: the newest packaged model
         answer = requests.post(f"{url}/classify_batch", json={"text": texts}, timeout=30).json()
         single = requests.post(f"{url}/classify", json={"text": texts[0]}, timeout=30).json()

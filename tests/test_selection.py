@@ -4,12 +4,11 @@ and the fine-tuned model kept when nothing qualifies."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
+from toolkit.config import SelectConfig
 from toolkit.manifest import Manifest
-from toolkit.recipe import SelectConfig
 from toolkit.report import markdown, stage_rows
 from toolkit.selection import select
 
@@ -40,7 +39,7 @@ def manifest(**overrides) -> Manifest:
 
 
 def choose(m: Manifest, **select_options) -> dict:
-    return select(m, SimpleNamespace(select=SelectConfig(**select_options)))
+    return select(m, SelectConfig(**select_options))
 
 
 def test_fastest_within_one_point_wins():

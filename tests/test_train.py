@@ -30,7 +30,7 @@ def test_group_by_length_pads_less_and_still_sees_every_text_once(tiny_model):
     from datasets import Dataset, DatasetDict
     from transformers import AutoTokenizer
 
-    from toolkit.stages.train import LoopOptions
+    from toolkit.config import LoopOptions
     from toolkit.training import make_dataloaders
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -12,23 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
-
-if TYPE_CHECKING:  # the recipe imports AugmentConfig, and `toolkit --help` must not load torch
+if TYPE_CHECKING:  # `toolkit --help` must not load torch
     import torch
 
-
-class AugmentConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # Noisy copies of each training text added to every batch (1 doubles the texts per step).
-    copies: int = Field(1, ge=1, le=8)
-    # Fraction of word pieces changed per copy, split evenly between dropped, masked and swapped for a
-    # word piece from another text of the batch.
-    token_noise: float = Field(0.15, ge=0, lt=1)
-    # Probability that a copy keeps only a random contiguous span (at least `min_span` of its word pieces).
-    crop_probability: float = Field(0.5, ge=0, le=1)
-    min_span: float = Field(0.3, gt=0, le=1)
+    from toolkit.config import AugmentConfig
 
 
 def noisy_copies(

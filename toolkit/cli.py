@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -31,13 +33,41 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _load(recipe_path: Path):
-    from toolkit.recipe import RecipeError, load_recipe
+@contextlib.contextmanager
+def _errors(log_file: Path | None = None) -> Iterator[None]:
+    """Every ToolkitError as its own message; anything else as one line naming the log with the traceback."""
+    from toolkit.errors import ToolkitError
 
     try:
+        yield
+    except typer.Exit:
+        raise
+    except ToolkitError as exc:
+        _fail(f"error: {exc}")
+    except Exception as exc:
+        where = f"; the traceback is in {log_file}" if log_file else ""
+        _fail(f"error: unexpected {type(exc).__name__}: {exc}{where}")
+
+
+def _show_progress(console) -> None:
+    """The engine logs to the `toolkit` logger; the terminal shows it through rich."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("toolkit")
+    logger.setLevel(logging.INFO)
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, RichHandler)]
+    handler = RichHandler(console=console, show_time=False, show_path=False, show_level=False, markup=False)
+    handler.setLevel(logging.INFO)
+    logger.addHandler(handler)
+
+
+def _load(recipe_path: Path):
+    from toolkit.recipe import load_recipe
+
+    with _errors():
         return load_recipe(recipe_path)
-    except RecipeError as exc:
-        _fail(str(exc))
 
 
 @app.command()
@@ -53,6 +83,18 @@ def validate(recipe: RecipeArg) -> None:
 
 
 @app.command()
+def schema(
+    markdown: Annotated[bool, typer.Option("--markdown", help="The recipe reference as Markdown.")] = False,
+) -> None:
+    """Print the recipe's JSON schema (every key, its type, default and description)."""
+    import json
+
+    from toolkit.config import reference
+
+    typer.echo(reference.markdown() if markdown else json.dumps(reference.json_schema(), indent=2), nl=not markdown)
+
+
+@app.command()
 def run(
     recipe: RecipeArg,
     only: Annotated[list[str] | None, typer.Option("--only", help="Run only this stage (repeatable).")] = None,
@@ -61,17 +103,16 @@ def run(
 ) -> None:
     """Run a recipe; stages whose inputs and options are unchanged since the last run are skipped."""
     parsed = _load(recipe)
-    from toolkit.data import DataError
-    from toolkit.pipeline import PlanError, StageError, run_recipe
-    from toolkit.sources import SourceError
+    from toolkit.pipeline import LOG_FILE, StageError, run_recipe
 
     console = _console()
-    try:
-        manifest = run_recipe(parsed, only=only, from_=from_, fresh=fresh, console=console)
-    except (DataError, PlanError, SourceError) as exc:
-        _fail(f"error: {exc}")
-    except StageError as exc:
-        _fail(f"error: {exc}\n(details in {parsed.run_dir / 'manifest.json'})")
+    _show_progress(console)
+    log_file = parsed.run_dir / LOG_FILE
+    with _errors(log_file):
+        try:
+            manifest = run_recipe(parsed, only=only, from_=from_, fresh=fresh)
+        except StageError as exc:
+            raise StageError(f"{exc}\n(details in {parsed.run_dir / 'manifest.json'} and {log_file})") from exc
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -92,11 +133,15 @@ def _show_report(manifest, console) -> None:
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run folder (holds manifest.json).")]) -> None:
     """Print the figures of an earlier run and write report.md, report.html and the plot into its folder."""
+    _show_report(_manifest(run_dir), _console())
+
+
+def _manifest(run_dir: Path):
     from toolkit.manifest import MANIFEST, Manifest
 
     if not (run_dir / MANIFEST).is_file():
         _fail(f"error: {run_dir} has no {MANIFEST}; pass the run folder of a `toolkit run`")
-    _show_report(Manifest.load(run_dir), _console())
+    return Manifest.load(run_dir)
 
 
 @app.command()
@@ -109,13 +154,15 @@ def push(
     """Upload the run's selected model with a generated model card. Token: HF_TOKEN or `hf auth login`."""
     import re
 
-    from toolkit.hub import REPO_ID, HubError, plan_upload
+    from toolkit.config import REPO_ID
+    from toolkit.hub import plan_upload
     from toolkit.hub import push as push_upload
+    from toolkit.manifest import Manifest
 
     if not re.match(REPO_ID, repo_id):
         _fail(f"error: --repo-id must look like user/name, got {repo_id!r}")
-    try:
-        upload = plan_upload(run_dir, repo_id)
+    with _errors():
+        upload = plan_upload(Manifest.load(run_dir), repo_id)
         typer.echo(
             f"{'would upload' if dry_run else 'uploading'} to {repo_id} ({upload.artifact.stage}, "
             f"{upload.artifact.format}{', private' if private else ''}):"
@@ -124,5 +171,3 @@ def push(
             typer.echo(f"  {line}")
         if not dry_run:
             typer.echo(f"done: {push_upload(upload, private)}")
-    except HubError as exc:
-        _fail(f"error: {exc}")

@@ -22,15 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from toolkit.errors import ToolkitError
+
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
-    from toolkit.recipe import DataConfig
+    from toolkit.config import DataConfig
 
 SPLITS = ("train", "validation", "test")
 
 
-class DataError(ValueError):
+class DataError(ToolkitError, ValueError):
     """Bad input data; the message names the file and line (or split and row) and what to fix."""
 
 

@@ -12,12 +12,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from toolkit.metrics import classification_metrics
-from toolkit.predictors import load_predictor, weights_size
+from toolkit.runtime import load_model, weights_size
 
 if TYPE_CHECKING:
+    from toolkit.config import EvaluateConfig, SpeedConfig
     from toolkit.data import PreparedData
-    from toolkit.recipe import EvaluateConfig, SpeedConfig
-    from toolkit.stages.base import Artifact
+    from toolkit.manifest import Artifact
 
 
 def parity(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -86,7 +86,8 @@ def evaluate_artifact(
 
 
 def _evaluate(artifact, data, cfg, max_length, logits_file, reference_logits, device) -> dict[str, Any]:
-    predictor = load_predictor(artifact.path, artifact.format, max_length, cfg.speed.threads, device)
+    # The service's own runtime: the figures below are those of the path a served request takes.
+    predictor = load_model(artifact.path, artifact.format, max_length, cfg.speed.threads, device)
     texts = data.texts(cfg.split)
     logits = predictor.logits_batched(texts, cfg.batch_size)
     np.save(logits_file, logits)

@@ -9,16 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class ParityGate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # Share of test texts whose predicted class matches the source model's.
-    min_agreement: float = Field(0.999, ge=0, le=1)
-    # Largest allowed absolute logit difference on any text; null: not checked.
-    max_abs_diff: float | None = Field(None, gt=0)
+from toolkit.config import ParityGate
 
 
 def check_gate(gate: ParityGate, parity: dict[str, Any] | None) -> dict[str, Any]:

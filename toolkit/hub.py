@@ -12,14 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from toolkit.manifest import MANIFEST, Manifest
+from toolkit.errors import ToolkitError
+from toolkit.manifest import MANIFEST, Artifact, Manifest
 from toolkit.serving.bundle import model_files
-from toolkit.stages.base import Artifact
-
-REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-class HubError(RuntimeError):
+class HubError(ToolkitError, RuntimeError):
     """A push that cannot be done or failed; the message says why and what to do."""
 
 
@@ -35,11 +33,14 @@ class Upload:
         return [*rows, f"README.md  ({len(self.card.encode()):,} bytes, generated model card)"]
 
 
-def plan_upload(run_dir: Path, repo_id: str) -> Upload:
-    manifest = Manifest.load(run_dir)
-    selection = manifest.data.get("selection")
-    if not (Path(run_dir) / MANIFEST).is_file() or not selection:
-        raise HubError(f"{run_dir} has no selected model (no {MANIFEST} with a selection); run the recipe first")
+def plan_upload(manifest: Manifest, repo_id: str) -> Upload:
+    """What a push of the run's selected model uploads (a run in progress passes its record; the CLI loads the
+    run folder's)."""
+    selection = manifest.selection
+    if not selection:
+        raise HubError(
+            f"{manifest.run_dir} has no selected model (no {MANIFEST} with a selection); run the recipe first"
+        )
     artifact = Artifact.from_json(selection["artifact"])
     folder = Path(artifact.path)
     if not folder.is_dir():

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from toolkit.errors import ToolkitError
 
-class PruningError(ValueError):
+
+class PruningError(ToolkitError, ValueError):
     """The model cannot be pruned as asked (unsupported architecture, impossible target)."""
 
 

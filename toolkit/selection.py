@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from toolkit.manifest import Manifest
-from toolkit.stages.base import Artifact
+from toolkit.config import SelectConfig
+from toolkit.manifest import Artifact, Manifest
 
 # objective -> (figure name, True when larger is better)
 OBJECTIVES = {
@@ -68,11 +68,10 @@ def constraint_failures(fig: dict[str, Any], drop: float, cfg: Any) -> list[str]
     return reasons
 
 
-def select(manifest: Manifest, recipe: Any) -> dict[str, Any]:
+def select(manifest: Manifest, cfg: SelectConfig) -> dict[str, Any]:
     stages = evaluated(manifest)
     if not stages:
         raise ValueError("no stage produced an evaluated model; nothing to select")
-    cfg = recipe.select
     base_name = baseline_stage(manifest)
     base_acc = manifest.stage(base_name)["evaluation"]["accuracy"]
     key, larger_better = OBJECTIVES[cfg.objective]

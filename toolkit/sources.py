@@ -11,12 +11,14 @@ import importlib.util
 import re
 from pathlib import Path
 
+from toolkit.errors import ToolkitError
+
 PACKAGE_PREFIX = "package:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class SourceError(ValueError):
-    pass
+class SourceError(ToolkitError, ValueError):
+    """A model or data reference that resolves to nothing usable."""
 
 
 def package_path(ref: str) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,16 +22,18 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
 from toolkit.metrics import classification_metrics
+from toolkit.runtime import resolve_device
 
 if TYPE_CHECKING:
-    from toolkit.stages.train import LoopOptions
+    from toolkit.config import LoopOptions
+    from toolkit.data import PreparedData
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 LogitsFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def use_cpu(device: str) -> bool:
-    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return resolve_device(device, "torch") == "cpu"
 
 
 def resolve_mixed_precision(choice: str, cpu: bool) -> str:
@@ -52,6 +55,27 @@ def make_accelerator(opts: LoopOptions, device: str) -> Accelerator:
     )
     set_seed(opts.seed)
     return accelerator
+
+
+@dataclass
+class Setup:
+    accelerator: Accelerator
+    tokenizer: Any
+    tokenized: Any  # the run's data, tokenised (a DatasetDict)
+
+
+def start(
+    opts: LoopOptions, device: str, model_path, data: PreparedData, max_length: int, revision: str | None = None
+) -> Setup:
+    """What every training-like stage does first: the accelerator (seeded), the model's tokenizer, and the data
+    tokenised once (the main process first, so the others read its cache)."""
+    from transformers import AutoTokenizer
+
+    accelerator = make_accelerator(opts, device)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=revision)
+    with accelerator.main_process_first():
+        tokenized = data.tokenized(tokenizer, max_length)
+    return Setup(accelerator, tokenizer, tokenized)
 
 
 def make_dataloaders(

@@ -63,12 +63,12 @@ class Classifier:
     bento_model = bentoml.models.BentoModel(latest_model_tag())
 
     def __init__(self) -> None:
+        from toolkit.runtime import resolve_threads
         from toolkit.serving.batching import MicroBatcher
-        from toolkit.serving.runtime import Classifier as Runtime
-        from toolkit.serving.runtime import cpu_threads
+        from toolkit.serving.model import ServedModel
 
         # Workers share the cores: each gets its part for ONNX Runtime's intra-op threads.
-        self.runtime = Runtime(self.bento_model.path, max(1, cpu_threads() // WORKERS))
+        self.runtime = ServedModel(self.bento_model.path, max(1, resolve_threads() // WORKERS))
         self.labels = self.runtime.labels
         self.batcher = MicroBatcher(self._predict_batch, MAX_BATCH_SIZE)
 

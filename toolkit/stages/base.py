@@ -1,75 +1,66 @@
-"""What every stage shares: its option model's base, the model artifacts that flow between stages, and the
-context a stage runs in. A stage is a function `run(cfg, ctx) -> StageResult` that reads `ctx.source` and
-writes only into `ctx.out_dir` (folder in -> folder out); the pipeline makes that write atomic."""
+"""The stage contract. A stage is a function `run(cfg, ctx) -> StageResult` that reads `ctx.source` and writes
+only into `ctx.out_dir` (folder in -> folder out); the pipeline makes that write atomic. The context holds what
+stages use, not the recipe: the device, the token length, the model reference, the recipe's name and
+fingerprint, and for stages after selection the selection record."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from toolkit.config import StageBase
+from toolkit.manifest import Artifact
 
 if TYPE_CHECKING:
     from toolkit.data import PreparedData
-    from toolkit.recipe import Recipe
-
-
-class StageBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: str
-    # Unique within the recipe; defaults to the type. Names the stage's folder and its manifest entry.
-    name: str = Field("", pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]*)?$")
-    enabled: bool = True
-
-    @model_validator(mode="after")
-    def _default_name(self):
-        if not self.name:
-            self.name = self.type
-        return self
-
-    def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Check this stage's options against the shape of the model it will receive (the recipe model's
-        `config.json` fields, passed from stage to stage; None when unknown, e.g. a Hub model) and return the
-        shape it hands on. Raise ValueError for options the shape rules out. Most stages keep the shape."""
-        return shape
+    from toolkit.manifest import Manifest
 
 
 @dataclass(frozen=True)
-class Artifact:
-    """A model on disk. `format` tells loaders what `path` holds: a transformers folder or an ONNX folder."""
+class ModelRef:
+    """The recipe's pretrained model: a local folder or a Hub id, with the Hub revision to load."""
 
-    path: Path | str  # a str only for the recipe's own model, which may be a Hub id
-    format: Literal["pytorch", "onnx"]
-    stage: str
+    name: str
+    revision: str | None = None
 
-    def to_json(self) -> dict[str, str]:
-        return {"path": str(self.path), "format": self.format, "stage": self.stage}
 
-    @classmethod
-    def from_json(cls, data: dict[str, str]) -> Artifact:
-        path = Path(data["path"]) if Path(data["path"]).is_absolute() else data["path"]
-        return cls(path, data["format"], data["stage"])  # type: ignore[arg-type]
+@dataclass(frozen=True)
+class Selection:
+    """What stages after selection get: the chosen model, why it was chosen, its manifest entry (figures,
+    fingerprint), and the run's record as it stands (a model card reports every stage)."""
+
+    artifact: Artifact
+    reason: str
+    entry: dict[str, Any]
+    manifest: Manifest
 
 
 @dataclass
 class StageContext:
-    recipe: Recipe
     run_dir: Path
     out_dir: Path
-    data: PreparedData
     # The model this stage starts from: the latest model any earlier stage produced (or the recipe's model).
     source: Artifact
+    data: PreparedData | None = None
     # Every earlier stage's model, by stage name, in recipe order.
     artifacts: dict[str, Artifact] = field(default_factory=dict)
-    # The chosen candidate; set only for stages that run after selection (packaging, pushing).
-    selected: Artifact | None = None
+    device: str = "cpu"  # the recipe's device: auto, cpu or cuda
+    max_length: int = 128  # tokens per text, everywhere
+    model: ModelRef | None = None
+    recipe_name: str = ""
+    recipe_fingerprint: str = ""
+    # Set only for stages that run after selection (packaging, pushing).
+    selection: Selection | None = None
 
     def latest(self, fmt: str) -> Artifact | None:
         """The newest earlier artifact of a format (an ONNX stage after a non-ONNX one needs the PyTorch model)."""
         found = [a for a in self.artifacts.values() if a.format == fmt]
         return found[-1] if found else None
+
+    def revision_of(self, artifact: Artifact) -> str | None:
+        """The Hub revision to load `artifact` at: the recipe's, for its own model; none for a stage's folder."""
+        return self.model.revision if self.model is not None and artifact.stage == "pretrained" else None
 
 
 @dataclass
@@ -81,3 +72,6 @@ class StageResult:
     # The model the stage really started from when it is not `ctx.source` (an export after an ONNX stage reads
     # the newest PyTorch model); parity is measured against it.
     source: Artifact | None = None
+
+
+__all__ = ["Artifact", "ModelRef", "Selection", "StageBase", "StageContext", "StageResult"]

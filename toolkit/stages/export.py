@@ -4,19 +4,8 @@ export as they are: the traced graph follows the modules' actual shapes."""
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
-from toolkit.gates import ParityGate
-from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
-
-
-class ExportConfig(StageBase):
-    type: Literal["export"]
-    # 18 is the lowest opset Optimum recommends for BERT-like models with current transformers.
-    opset: int = Field(18, ge=14, le=21)
-    parity: ParityGate = ParityGate()
+from toolkit.config import ExportConfig
+from toolkit.stages.base import Artifact, StageContext, StageResult
 
 
 def pytorch_source(ctx: StageContext) -> Artifact:
@@ -34,7 +23,8 @@ def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
     from optimum.exporters.onnx import onnx_export_from_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from toolkit.stages.onnx_common import onnx_file, op_counts
+    from toolkit.runtime import onnx_file
+    from toolkit.stages.onnx_common import op_counts
 
     source = pytorch_source(ctx)
     model = AutoModelForSequenceClassification.from_pretrained(source.path, torch_dtype=torch.float32).eval()

@@ -5,41 +5,27 @@ transformers release that changes the exported graph can make fusion stop withou
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
-
-from toolkit.gates import ParityGate
-from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
-
-
-class OptimizeConfig(StageBase):
-    type: Literal["optimize"]
-    level: Literal["O1", "O2", "O3"] = "O2"
-    # auto: FP16 only when ONNX Runtime has the CUDA execution provider; on CPU FP16 adds casts and runs no faster.
-    fp16: Literal["auto", True, False] = "auto"
-    # Fuse residual Add + LayerNormalization into SkipLayerNormalization. auto: only for the GPU (with fp16);
-    # ONNX Runtime's CPU kernel for it is slower than the unfused ops (see serving.runtime.ort_session).
-    fuse_skip_layer_norm: Literal["auto", True, False] = "auto"
-    parity: ParityGate = ParityGate()
-
-    input_format: ClassVar[str] = "onnx"
+from toolkit.config import OptimizeConfig
+from toolkit.stages.base import Artifact, StageContext, StageResult
 
 
 def resolve_fp16(choice: str | bool, device: str) -> bool:
-    from toolkit.stages.onnx_common import cuda_provider_available
+    from toolkit.runtime import resolve_device
 
     if choice != "auto":
         return bool(choice)
-    return device != "cpu" and cuda_provider_available()
+    return resolve_device(device, "onnx") == "cuda"
 
 
 def run(cfg: OptimizeConfig, ctx: StageContext) -> StageResult:
     from optimum.onnxruntime import AutoOptimizationConfig, ORTOptimizer
 
-    from toolkit.stages.onnx_common import fused_counts, onnx_file, onnx_source, op_counts
+    from toolkit.runtime import onnx_file
+    from toolkit.stages.onnx_common import fused_counts, onnx_source, op_counts
 
     source = onnx_source(ctx, cfg.type)
     src_file = onnx_file(source.path)
-    fp16 = resolve_fp16(cfg.fp16, ctx.recipe.device)
+    fp16 = resolve_fp16(cfg.fp16, ctx.device)
     # FP16 conversion targets the GPU; optimizing for the GPU also picks GPU-only fusions where there are some.
     fuse_sln = fp16 if cfg.fuse_skip_layer_norm == "auto" else bool(cfg.fuse_skip_layer_norm)
     options = AutoOptimizationConfig.with_optimization_level(

@@ -4,37 +4,24 @@ PyTorch), the tokenizer and `toolkit.json` (labels, max length, format, the stag
 
 from __future__ import annotations
 
-from typing import Literal
+import re
 
-from pydantic import Field
-
-from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
-
-# BentoML tag names: lowercase letters, digits, `_`, `-` and `.`, starting with a letter or digit.
-TAG_NAME = r"^[a-z0-9][a-z0-9_.-]*$"
-
-
-class PackageConfig(StageBase):
-    type: Literal["package"]
-    # Name in the model store; defaults to the recipe's name (lowercased).
-    model_name: str | None = Field(None, pattern=TAG_NAME, max_length=63)
+from toolkit.config import PackageConfig
+from toolkit.stages.base import Artifact, StageContext, StageResult
 
 
 def bento_name(cfg: PackageConfig, recipe_name: str) -> str:
-    import re
-
     name = cfg.model_name or re.sub(r"[^a-z0-9_.-]", "-", recipe_name.lower()).strip("-.")
     return name or "toolkit-model"
 
 
 def run(cfg: PackageConfig, ctx: StageContext) -> StageResult:
-    from toolkit.manifest import Manifest
-
-    selected = ctx.selected or ctx.source
-    manifest = Manifest.load(ctx.run_dir)
-    meta = package_metadata(ctx, manifest, selected)
-    tag = save_to_store(bento_name(cfg, ctx.recipe.name), selected, meta)
-    return StageResult(None, {"tag": tag, "format": selected.format, "stage": selected.stage})
+    selection = ctx.selection
+    if selection is None:
+        raise ValueError("package runs after selection; it was given no selected model")
+    meta = package_metadata(ctx)
+    tag = save_to_store(bento_name(cfg, ctx.recipe_name), selection.artifact, meta)
+    return StageResult(None, {"tag": tag, "format": selection.artifact.format, "stage": selection.artifact.stage})
 
 
 def still_stored(info: dict) -> bool:
@@ -60,18 +47,16 @@ def save_to_store(name: str, artifact: Artifact, meta: dict) -> str:
     return str(model.tag)
 
 
-def package_metadata(ctx: StageContext, manifest, selected: Artifact) -> dict:
-    from toolkit.manifest import fingerprint
-
-    entry = manifest.stage(selected.stage) or {}
+def package_metadata(ctx: StageContext) -> dict:
+    selection = ctx.selection
     return {
-        "format": selected.format,
-        "stage": selected.stage,
+        "format": selection.artifact.format,
+        "stage": selection.artifact.stage,
         "labels": list(ctx.data.label_names),
-        "max_length": ctx.recipe.model.max_length,
-        "recipe": ctx.recipe.name,
-        "recipe_fingerprint": fingerprint(ctx.recipe.model_dump(mode="json")),
-        "stage_fingerprint": entry.get("fingerprint"),
-        "evaluation": entry.get("evaluation") or {},
-        "selection_reason": (manifest.data.get("selection") or {}).get("reason"),
+        "max_length": ctx.max_length,
+        "recipe": ctx.recipe_name,
+        "recipe_fingerprint": ctx.recipe_fingerprint,
+        "stage_fingerprint": selection.entry.get("fingerprint"),
+        "evaluation": selection.entry.get("evaluation") or {},
+        "selection_reason": selection.reason,
     }

@@ -4,72 +4,10 @@ optional short recovery fine-tune. The weight surgery lives in `toolkit.pruning`
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, PositiveInt, model_validator
-
-from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
-from toolkit.stages.train import LoopOptions
-
-# An absolute count (int >= 1) or a fraction of what the model has (0 < f < 1).
-Target = PositiveInt | float
-
-
-def _check_target(value: Target | None, key: str) -> None:
-    if value is None or isinstance(value, int):
-        return
-    if not 0 < value < 1:
-        raise ValueError(
-            f"{key} must be a whole number >= 1 (how many to keep) or a fraction strictly between 0 and 1; got {value}"
-        )
-
-
-def resolve(value: Target, current: int, key: str, floor: int = 1) -> int:
-    """How many to keep out of `current` for a target; fractions round, never below `floor`."""
-    keep = value if isinstance(value, int) else max(floor, round(value * current))
-    if keep > current:
-        raise ValueError(f"{key}: {value} is more than the model has ({current}); choose at most {current}")
-    return keep
-
-
-class PruneConfig(StageBase, LoopOptions):
-    type: Literal["prune"]
-    # Heads each layer keeps; a layer that already has fewer keeps all of its heads.
-    heads_per_layer: Target | None = None
-    # FFN (intermediate) neurons every layer keeps; one size for all layers (transformers' config has one).
-    ffn_size: Target | None = None
-    # Reach the targets in this many rounds, re-scoring importance on the pruned model between rounds.
-    iterations: PositiveInt = 1
-    # Training batches (of `batch_size`) that importance is accumulated over, per round.
-    importance_batches: PositiveInt = 32
-    # A short fine-tune after pruning with the training loop's options (learning_rate, batch_size...).
-    recover_epochs: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _check(self):
-        _check_target(self.heads_per_layer, "heads_per_layer")
-        _check_target(self.ffn_size, "ffn_size")
-        if self.heads_per_layer is None and self.ffn_size is None:
-            raise ValueError("set heads_per_layer and/or ffn_size (how many heads / FFN neurons to keep)")
-        if "epochs" in self.model_fields_set:
-            raise ValueError("prune has no `epochs`; use recover_epochs for the fine-tune after pruning")
-        return self
-
-    def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
-        if not shape or "num_attention_heads" not in shape or "intermediate_size" not in shape:
-            return shape
-        shape = dict(shape)
-        if self.heads_per_layer is not None:
-            heads = resolve(self.heads_per_layer, shape["num_attention_heads"], "heads_per_layer")
-            layers = shape.get("num_hidden_layers", 0)
-            pruned = {int(k): v for k, v in (shape.get("pruned_heads") or {}).items()}
-            kept = [
-                [h for h in range(shape["num_attention_heads"]) if h not in pruned.get(i, ())] for i in range(layers)
-            ]
-            shape["pruned_heads"] = {str(i): k[heads:] for i, k in enumerate(kept) if k[heads:]}
-        if self.ffn_size is not None:
-            shape["intermediate_size"] = resolve(self.ffn_size, shape["intermediate_size"], "ffn_size")
-        return shape
+from toolkit.config import PruneConfig, resolve_target
+from toolkit.stages.base import Artifact, StageContext, StageResult
 
 
 def round_targets(start: list[int], final: list[int], rounds: int) -> list[list[int]]:
@@ -78,16 +16,14 @@ def round_targets(start: list[int], final: list[int], rounds: int) -> list[list[
 
 
 def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     from toolkit import pruning
-    from toolkit.training import fit, make_accelerator, make_dataloaders, save_pretrained
+    from toolkit.training import fit, make_dataloaders, save_pretrained, start
 
-    accelerator = make_accelerator(cfg, ctx.recipe.device)
-    tokenizer = AutoTokenizer.from_pretrained(ctx.source.path)
+    setup = start(cfg, ctx.device, ctx.source.path, ctx.data, ctx.max_length)
+    accelerator, tokenizer, tokenized = setup.accelerator, setup.tokenizer, setup.tokenized
     model = AutoModelForSequenceClassification.from_pretrained(ctx.source.path)
-    with accelerator.main_process_first():
-        tokenized = ctx.data.tokenized(tokenizer, ctx.recipe.model.max_length)
     # Every process scores the same batches in the same order, so all of them cut the same model; plainly
     # shuffled batches, since length-grouped ones would put the longest texts first.
     score_dl, eval_dl = make_dataloaders(tokenized, tokenizer, cfg.model_copy(update={"group_by_length": False}))
@@ -137,11 +73,11 @@ def targets(cfg: PruneConfig, model) -> tuple[list[int], int]:
         raise ValueError(f"FFN sizes differ across layers ({ffn}); transformers' config holds one intermediate_size")
     head_goal = heads
     if cfg.heads_per_layer is not None:
-        n = resolve(cfg.heads_per_layer, model.config.num_attention_heads, "heads_per_layer")
+        n = resolve_target(cfg.heads_per_layer, model.config.num_attention_heads, "heads_per_layer")
         head_goal = [
             min(n, h) if isinstance(cfg.heads_per_layer, int) else max(1, round(cfg.heads_per_layer * h)) for h in heads
         ]
-    ffn_goal = ffn[0] if cfg.ffn_size is None else resolve(cfg.ffn_size, ffn[0], "ffn_size")
+    ffn_goal = ffn[0] if cfg.ffn_size is None else resolve_target(cfg.ffn_size, ffn[0], "ffn_size")
     return head_goal, ffn_goal
 
 

@@ -3,23 +3,15 @@ The token comes from HF_TOKEN or the stored login, never from the recipe."""
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
-from toolkit.hub import REPO_ID
-from toolkit.stages.base import StageBase, StageContext, StageResult
-
-
-class PushConfig(StageBase):
-    type: Literal["push"]
-    repo_id: str = Field(pattern=REPO_ID)
-    private: bool = False
+from toolkit.config import PushConfig
+from toolkit.stages.base import StageContext, StageResult
 
 
 def run(cfg: PushConfig, ctx: StageContext) -> StageResult:
     from toolkit.hub import plan_upload, push
 
-    upload = plan_upload(ctx.run_dir, cfg.repo_id)
+    if ctx.selection is None:
+        raise ValueError("push runs after selection; it was given no selected model")
+    upload = plan_upload(ctx.selection.manifest, cfg.repo_id)
     url = push(upload, cfg.private)
     return StageResult(None, {"repo_id": cfg.repo_id, "commit": url, "files": [n for n, _ in upload.files]})

@@ -9,22 +9,9 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import ClassVar, Literal
 
-from toolkit.gates import ParityGate
-from toolkit.stages.base import Artifact, StageBase, StageContext, StageResult
-
-InstructionSet = Literal["avx512_vnni", "avx512", "avx2", "arm64"]
-
-
-class QuantizeConfig(StageBase):
-    type: Literal["quantize"]
-    instruction_set: Literal["auto", "avx512_vnni", "avx512", "avx2", "arm64"] = "auto"
-    # One scale per output channel: closer to FP32, slightly larger and slower on some kernels.
-    per_channel: bool = False
-    parity: ParityGate = ParityGate(min_agreement=0.99)
-
-    input_format: ClassVar[str] = "onnx"
+from toolkit.config import QuantizeConfig
+from toolkit.stages.base import Artifact, StageContext, StageResult
 
 
 def detect_instruction_set(cpuinfo: Path = Path("/proc/cpuinfo"), machine: str | None = None) -> tuple[str, str]:
@@ -54,7 +41,7 @@ def shape_inferred_copy(source: Path, work: Path) -> Path:
     import onnx
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    from toolkit.stages.onnx_common import onnx_file
+    from toolkit.runtime import onnx_file
 
     shutil.copytree(source, work, ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data"))
     src = onnx_file(source)
@@ -69,7 +56,8 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    from toolkit.stages.onnx_common import fused_counts, onnx_file, onnx_source, op_counts
+    from toolkit.runtime import onnx_file
+    from toolkit.stages.onnx_common import fused_counts, onnx_source, op_counts
 
     source = onnx_source(ctx, cfg.type)
     if cfg.instruction_set == "auto":

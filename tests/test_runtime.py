@@ -1,0 +1,176 @@
+"""The one inference runtime: evaluation and the service run the same tokenizer, feeder and session, so they
+give the same logits; a BERT graph whose tokenizer gives no `token_type_ids` runs through both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolkit.config import EvaluateConfig, SpeedConfig
+from toolkit.evaluation import evaluate_artifact
+from toolkit.manifest import Artifact
+from toolkit.runtime import Tokenizer, feed, load_model, resolve_threads
+from toolkit.serving.bundle import write_bundle
+from toolkit.serving.model import ServedModel
+
+LABELS = ["negative", "positive"]
+MAX_LENGTH = 16
+TEXTS = [
+    "the movie was great",
+    "awful plot and dull actor",
+    "a lovely story",
+    "bad",
+    " ".join(["very"] * 50) + " superb",  # longer than MAX_LENGTH: truncated alike everywhere
+    "电影 很 好 看",
+]
+
+
+def classifier(tiny_model: Path, dest: Path, input_names: list[str] | None = None) -> Path:
+    """A two-label classifier on the tiny BERT; `input_names` overrides what its tokenizer returns."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    extra = {"model_input_names": input_names} if input_names else {}
+    AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=2, id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}
+    ).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(tiny_model, **extra).save_pretrained(dest)
+    return dest
+
+
+def exported(pytorch: Path, work: Path) -> Path:
+    from toolkit.config import ExportConfig
+    from toolkit.stages import export
+    from toolkit.stages.base import StageContext
+
+    out = work / "export"
+    out.mkdir(parents=True)
+    source = Artifact(pytorch, "pytorch", "train")
+    export.run(ExportConfig(type="export"), StageContext(run_dir=work, out_dir=out, source=source, device="cpu"))
+    return out
+
+
+@pytest.fixture
+def data(toy_data, tmp_path):
+    from toolkit.data import prepare_data
+    from toolkit.recipe import parse_recipe
+
+    recipe = {
+        "name": "t",
+        "data": {"train": str(toy_data), "split": {"validation": 0.2, "test": 0.2, "seed": 0}},
+        "model": {"name": "org/unused"},
+        "stages": [{"type": "train"}],
+    }
+    return prepare_data(parse_recipe(recipe, tmp_path).data, tmp_path / "run")
+
+
+def evaluation_logits(artifact: Artifact, data, tmp_path: Path, batch_size: int) -> np.ndarray:
+    cfg = EvaluateConfig(batch_size=batch_size, speed=SpeedConfig(enabled=False, threads=1))
+    logits_file = tmp_path / f"{artifact.stage}.logits.npy"
+    evaluate_artifact(artifact, data, cfg, MAX_LENGTH, logits_file, device="cpu")
+    return np.load(logits_file)
+
+
+def bundle(artifact: Artifact, dest: Path) -> Path:
+    meta = {"format": artifact.format, "stage": artifact.stage, "labels": LABELS, "max_length": MAX_LENGTH}
+    write_bundle(artifact, dest, meta)
+    return dest
+
+
+def test_tokenizer_matches_transformers(tiny_model):
+    from transformers import AutoTokenizer
+
+    ours = Tokenizer(tiny_model, MAX_LENGTH)(TEXTS)
+    theirs = AutoTokenizer.from_pretrained(tiny_model)(
+        TEXTS, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np"
+    )
+    assert sorted(ours) == sorted(theirs.keys())
+    for name, array in ours.items():
+        np.testing.assert_array_equal(array, theirs[name])
+    assert ours["input_ids"].shape[1] == MAX_LENGTH
+
+
+@pytest.mark.parametrize("fmt", ["pytorch", "onnx"])
+def test_evaluation_and_service_give_identical_logits(fmt, tiny_model, data, tmp_path):
+    folder = classifier(tiny_model, tmp_path / "pt")
+    if fmt == "onnx":
+        folder = exported(folder, tmp_path)
+    artifact = Artifact(folder, fmt, fmt)
+    evaluated = evaluation_logits(artifact, data, tmp_path, batch_size=8)
+
+    served = ServedModel(bundle(artifact, tmp_path / "bundle"), threads=1, device="cpu")
+    texts = data.texts("test")
+    logits = np.concatenate([served.logits(texts[i : i + 8]) for i in range(0, len(texts), 8)])
+    assert evaluated.shape == (len(texts), 2)
+    np.testing.assert_array_equal(logits, evaluated)
+    ids, probs = served.predict(texts[:8])
+    assert ids == evaluated[:8].argmax(-1).tolist() and all(0.5 <= p <= 1 for p in probs)
+
+
+def test_bert_graph_with_tokenizer_without_token_type_ids(tiny_model, data, tmp_path):
+    """The shape of multilingual-e5: a BERT encoder (its graph takes token_type_ids) with a tokenizer that, like
+    XLM-R's, returns only input_ids and attention_mask."""
+    from transformers import AutoTokenizer
+
+    folder = classifier(tiny_model, tmp_path / "pt", input_names=["input_ids", "attention_mask"])
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert config["model_input_names"] == ["input_ids", "attention_mask"]
+    assert "token_type_ids" not in AutoTokenizer.from_pretrained(folder)(["a text"])
+    assert "token_type_ids" not in Tokenizer(folder, MAX_LENGTH)(["a text"])
+
+    onnx_folder = exported(folder, tmp_path)
+    graph_inputs = load_model(onnx_folder, "onnx", MAX_LENGTH, 1, "cpu").input_names
+    assert "token_type_ids" in graph_inputs  # the graph wants what the tokenizer does not give
+
+    pytorch_logits = evaluation_logits(Artifact(folder, "pytorch", "train"), data, tmp_path, batch_size=8)
+    onnx_logits = evaluation_logits(Artifact(onnx_folder, "onnx", "export"), data, tmp_path, batch_size=8)
+    np.testing.assert_allclose(onnx_logits, pytorch_logits, atol=1e-4)
+
+    served = ServedModel(bundle(Artifact(onnx_folder, "onnx", "export"), tmp_path / "bundle"), 1, "cpu")
+    np.testing.assert_array_equal(served.logits(data.texts("test")[:8]), onnx_logits[:8])
+
+
+def test_feeder_gives_the_graph_exactly_its_inputs():
+    batch = {"input_ids": np.array([[2, 7, 3]]), "attention_mask": np.array([[1, 1, 1]])}
+    fed = feed(batch, ["input_ids", "attention_mask", "token_type_ids"])
+    assert list(fed) == ["input_ids", "attention_mask", "token_type_ids"]
+    np.testing.assert_array_equal(fed["token_type_ids"], np.zeros((1, 3), dtype=np.int64))
+    assert list(feed({**batch, "token_type_ids": batch["input_ids"]}, ["input_ids"])) == ["input_ids"]
+    with pytest.raises(ValueError, match="position_ids"):
+        feed(batch, ["input_ids", "position_ids"])
+
+
+def test_one_thread_rule(monkeypatch):
+    monkeypatch.delenv("TOOLKIT_THREADS", raising=False)
+    assert resolve_threads(3) == 3
+    assert resolve_threads(0) >= 1
+    monkeypatch.setenv("TOOLKIT_THREADS", "5")
+    assert resolve_threads(0) == 5 and resolve_threads(None) == 5 and resolve_threads(2) == 2
+
+
+@pytest.mark.slow
+def test_served_answers_equal_evaluation_over_http(tiny_model, data, tmp_path):
+    """The real `bentoml serve` on the no-token_type_ids ONNX model: each answer is evaluation's own figure."""
+    import requests
+
+    from toolkit.runtime import softmax
+    from toolkit.serving.launch import serving
+    from toolkit.stages.package import save_to_store
+
+    folder = classifier(tiny_model, tmp_path / "pt", input_names=["input_ids", "attention_mask"])
+    artifact = Artifact(exported(folder, tmp_path), "onnx", "export")
+    evaluated = evaluation_logits(artifact, data, tmp_path, batch_size=1)  # one text per call, as served below
+    expected = softmax(evaluated.astype(np.float64))
+    save_to_store(
+        "no-type-ids", artifact, {"format": "onnx", "labels": LABELS, "max_length": MAX_LENGTH, "recipe": "t"}
+    )
+    texts = data.texts("test")[:12]
+    with serving({"TOOLKIT_MODEL": "no-type-ids:latest"}, log=tmp_path / "serve.log") as url:
+        for i, text in enumerate(texts):
+            answer = requests.post(f"{url}/classify", json={"text": text}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["categories"] == int(expected[i].argmax()) and body["label"] == LABELS[body["categories"]]
+            assert body["probabilities"] == float(expected[i].max())

@@ -1,0 +1,63 @@
+"""Every option model of a recipe, in one leaf package: it imports nothing from the rest of toolkit but
+`toolkit.sources` (to resolve model and data references) and `toolkit.errors`."""
+
+from toolkit.config.common import REPO_ID, ParityGate, Strict, local_model_shape
+from toolkit.config.run import (
+    DataConfig,
+    EvaluateConfig,
+    ModelConfig,
+    OutputConfig,
+    Recipe,
+    SelectConfig,
+    SpeedConfig,
+    SplitConfig,
+)
+from toolkit.config.stages import (
+    STAGE_CONFIGS,
+    AugmentConfig,
+    DistillConfig,
+    ExportConfig,
+    LoopOptions,
+    OptimizeConfig,
+    PackageConfig,
+    PruneConfig,
+    PushConfig,
+    QuantizeConfig,
+    StageBase,
+    StageConfig,
+    StudentConfig,
+    TrainConfig,
+    resolve_target,
+    spaced_layers,
+)
+
+__all__ = [
+    "REPO_ID",
+    "STAGE_CONFIGS",
+    "AugmentConfig",
+    "DataConfig",
+    "DistillConfig",
+    "EvaluateConfig",
+    "ExportConfig",
+    "LoopOptions",
+    "ModelConfig",
+    "OptimizeConfig",
+    "OutputConfig",
+    "PackageConfig",
+    "ParityGate",
+    "PruneConfig",
+    "PushConfig",
+    "QuantizeConfig",
+    "Recipe",
+    "SelectConfig",
+    "SpeedConfig",
+    "SplitConfig",
+    "StageBase",
+    "StageConfig",
+    "StudentConfig",
+    "Strict",
+    "TrainConfig",
+    "local_model_shape",
+    "resolve_target",
+    "spaced_layers",
+]

@@ -1,0 +1,362 @@
+"""Option models of every stage, with the pure checks that need only options and the model's shape.
+
+The stage functions live in `toolkit.stages`; these models sit below them so the recipe can be validated (and
+`toolkit --help` answered) without importing any stage, and so nothing here imports upward.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, Field, PositiveInt, ValidationInfo, field_validator, model_validator
+
+from toolkit.config.common import REPO_ID, ParityGate, Strict, local_model_shape, model_reference
+
+
+class StageBase(Strict):
+    type: str = Field(description="The stage's kind; picks which keys are allowed.")
+    name: str = Field(
+        "",
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9_.-]*)?$",
+        description="Unique within the recipe; defaults to the type. Names the stage's folder and manifest entry.",
+    )
+    enabled: bool = Field(True, description="A disabled stage is kept in the recipe but not run.")
+
+    # Stages that read an ONNX model say so; validation then needs an enabled `export` before them.
+    input_format: ClassVar[str | None] = None
+
+    @model_validator(mode="after")
+    def _default_name(self):
+        if not self.name:
+            self.name = self.type
+        return self
+
+    def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Check this stage's options against the shape of the model it will receive (the recipe model's
+        `config.json` fields, passed from stage to stage; None when unknown, e.g. a Hub model) and return the
+        shape it hands on. Raise ValueError for options the shape rules out. Most stages keep the shape."""
+        return shape
+
+
+class LoopOptions(BaseModel):
+    """Options of the shared Accelerate loop (`toolkit.training.fit`); training-like stages extend it."""
+
+    model_config = {"extra": "forbid"}
+
+    epochs: PositiveInt = Field(3, description="Passes over the training split.")
+    batch_size: PositiveInt = Field(32, description="Training texts per step and process.")
+    eval_batch_size: PositiveInt = Field(64, description="Texts per step when scoring the validation split.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases and LayerNorm weights).")
+    warmup_ratio: float = Field(
+        0.06, ge=0, lt=1, description="Share of steps with a linear warm-up, then linear decay."
+    )
+    gradient_accumulation_steps: PositiveInt = Field(1, description="Steps whose gradients add up before an update.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 (or fp16) on a CUDA device, none on the CPU."
+    )
+    seed: int = Field(42, description="Seed for weights, shuffling and dropout.")
+    metric_for_best: Literal["accuracy", "macro_f1"] = Field(
+        "accuracy", description="Validation metric that picks the epoch whose weights are kept."
+    )
+    group_by_length: bool = Field(
+        False,
+        description="Batches of texts of similar length (transformers' LengthGroupedSampler), so a batch pads "
+        "less; the order of batches stays random.",
+    )
+
+
+class TrainConfig(StageBase, LoopOptions):
+    """Fine-tune the current model (the recipe's pretrained encoder) on the recipe's data."""
+
+    type: Literal["train"]
+
+
+# ---------------------------------------------------------------------------------------------- prune
+
+# An absolute count (int >= 1) or a fraction of what the model has (0 < f < 1).
+Target = PositiveInt | float
+
+
+def _check_target(value: Target | None, key: str) -> None:
+    if value is None or isinstance(value, int):
+        return
+    if not 0 < value < 1:
+        raise ValueError(
+            f"{key} must be a whole number >= 1 (how many to keep) or a fraction strictly between 0 and 1; got {value}"
+        )
+
+
+def resolve_target(value: Target, current: int, key: str, floor: int = 1) -> int:
+    """How many to keep out of `current` for a target; fractions round, never below `floor`."""
+    keep = value if isinstance(value, int) else max(floor, round(value * current))
+    if keep > current:
+        raise ValueError(f"{key}: {value} is more than the model has ({current}); choose at most {current}")
+    return keep
+
+
+class PruneConfig(StageBase, LoopOptions):
+    """Structured pruning of attention heads and FFN neurons by importance on training data, then an optional
+    short recovery fine-tune with the training loop's options."""
+
+    type: Literal["prune"]
+    heads_per_layer: Target | None = Field(
+        None,
+        description="Heads each layer keeps: a count, or a fraction of what the layer has; a layer that already "
+        "has fewer keeps all of its heads.",
+    )
+    ffn_size: Target | None = Field(
+        None,
+        description="FFN (intermediate) neurons every layer keeps: a count or a fraction; one size for all layers.",
+    )
+    iterations: PositiveInt = Field(
+        1, description="Reach the targets in this many rounds, re-scoring importance on the pruned model in between."
+    )
+    importance_batches: PositiveInt = Field(
+        32, description="Training batches (of batch_size) that importance is accumulated over, per round."
+    )
+    recover_epochs: int = Field(0, ge=0, description="Epochs of fine-tuning after pruning; 0: none.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_target(self.heads_per_layer, "heads_per_layer")
+        _check_target(self.ffn_size, "ffn_size")
+        if self.heads_per_layer is None and self.ffn_size is None:
+            raise ValueError("set heads_per_layer and/or ffn_size (how many heads / FFN neurons to keep)")
+        if "epochs" in self.model_fields_set:
+            raise ValueError("prune has no `epochs`; use recover_epochs for the fine-tune after pruning")
+        return self
+
+    def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not shape or "num_attention_heads" not in shape or "intermediate_size" not in shape:
+            return shape
+        shape = dict(shape)
+        if self.heads_per_layer is not None:
+            heads = resolve_target(self.heads_per_layer, shape["num_attention_heads"], "heads_per_layer")
+            layers = shape.get("num_hidden_layers", 0)
+            pruned = {int(k): v for k, v in (shape.get("pruned_heads") or {}).items()}
+            kept = [
+                [h for h in range(shape["num_attention_heads"]) if h not in pruned.get(i, ())] for i in range(layers)
+            ]
+            shape["pruned_heads"] = {str(i): k[heads:] for i, k in enumerate(kept) if k[heads:]}
+        if self.ffn_size is not None:
+            shape["intermediate_size"] = resolve_target(self.ffn_size, shape["intermediate_size"], "ffn_size")
+        return shape
+
+
+# ---------------------------------------------------------------------------------------------- distill
+
+
+class AugmentConfig(Strict):
+    """Noisy copies of the training texts, labelled by the teacher (TinyBERT's augmentation, on token ids)."""
+
+    copies: int = Field(
+        1, ge=1, le=8, description="Noisy copies of each training text added to every batch (1 doubles the texts)."
+    )
+    token_noise: float = Field(
+        0.15,
+        ge=0,
+        lt=1,
+        description="Fraction of word pieces changed per copy, split evenly between dropped, masked and swapped "
+        "for a word piece of another text of the batch.",
+    )
+    crop_probability: float = Field(
+        0.5, ge=0, le=1, description="Probability that a copy keeps only a random contiguous span of its text."
+    )
+    min_span: float = Field(0.3, gt=0, le=1, description="Shortest span a crop keeps, as a share of the word pieces.")
+
+
+def spaced_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers ending at the last one: 6 -> 3 gives [1, 3, 5] (TinyBERT's mapping)."""
+    return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
+
+
+class StudentConfig(Strict):
+    """Exactly one of: `layers` (teacher layer indices to keep, in order), `num_layers` (that many teacher
+    layers, evenly spaced, the last one included), or `model` (a folder, `package:` path or Hub id)."""
+
+    layers: list[int] | None = Field(None, min_length=1, description="Teacher layer indices to keep, in order.")
+    num_layers: PositiveInt | None = Field(
+        None, description="Keep this many teacher layers, evenly spaced, the last one included."
+    )
+    model: str | None = Field(None, description="Another pretrained student: a folder, `package:` path or Hub id.")
+    revision: str | None = Field(None, description="Hub revision of `model`.")
+
+    @field_validator("model")
+    @classmethod
+    def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else model_reference(value, info)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        chosen = [k for k in ("layers", "num_layers", "model") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"student needs exactly one of layers, num_layers, model; got {chosen or 'none'}")
+        if self.layers is not None and (min(self.layers) < 0 or len(set(self.layers)) != len(self.layers)):
+            raise ValueError(f"student.layers must be distinct teacher layer indices >= 0; got {self.layers}")
+        if self.revision is not None and self.model is None:
+            raise ValueError("student.revision only applies with student.model")
+        return self
+
+
+class DistillConfig(StageBase, LoopOptions):
+    """Knowledge distillation of the current model (the teacher) into a smaller student, with TextBrewer's
+    loss functions inside the project's training loop."""
+
+    type: Literal["distill"]
+    student: StudentConfig = Field(
+        description="The model that learns: a subset of the teacher's layers, or another model."
+    )
+    teacher: str | None = Field(
+        None,
+        description="Which earlier stage's model teaches (e.g. `train`, the unpruned fine-tuned model); default: "
+        "the current model. The student's layers always come from the current model.",
+    )
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the soft-label loss.")
+    temperature_schedule: Literal["constant", "linear_decay"] = Field(
+        "constant", description="linear_decay: the temperature falls linearly from `temperature` to 1 over training."
+    )
+    kd_weight: float = Field(1.0, ge=0, description="Weight of the loss against the teacher's soft labels.")
+    hard_label_weight: float = Field(0.0, ge=0, description="Weight of the cross-entropy against the true labels.")
+    hidden_mse_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state MSE along `layer_map`.")
+    attention_mse_weight: float = Field(0.0, ge=0, description="Weight of the attention-map MSE along `layer_map`.")
+    layer_map: list[int] | None = Field(
+        None,
+        description="layer_map[i]: the teacher layer (0-based) student layer i learns from; default: the kept "
+        "layers for a layer subset, evenly spaced teacher layers otherwise.",
+    )
+    augment: AugmentConfig | None = Field(
+        None, description="Noisy copies of the training texts, labelled by the teacher; off when absent."
+    )
+
+    @field_validator("layer_map")
+    @classmethod
+    def _map_indices(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError(f"layer_map must list a teacher layer index >= 0 per student layer; got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kd_weight + self.hard_label_weight + self.hidden_mse_weight + self.attention_mse_weight == 0:
+            raise ValueError("every loss weight is 0; set kd_weight and/or hard_label_weight")
+        layers = self.student.layers or ([0] * self.student.num_layers if self.student.num_layers else None)
+        if self.layer_map is not None and layers is not None and len(self.layer_map) != len(layers):
+            raise ValueError(f"layer_map has {len(self.layer_map)} entries for a {len(layers)}-layer student")
+        return self
+
+    def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
+        if self.student.model is not None:
+            return local_model_shape(self.student.model)
+        if not shape or "num_hidden_layers" not in shape:
+            return shape
+        depth = shape["num_hidden_layers"]
+        wanted = self.student.layers or []
+        if self.student.num_layers is not None and self.student.num_layers > depth:
+            raise ValueError(f"student.num_layers {self.student.num_layers} is more than the teacher's {depth} layers")
+        bad = [i for i in [*wanted, *(self.layer_map or [])] if i >= depth]
+        if bad:
+            raise ValueError(f"teacher layer indices {bad} do not exist (the teacher has layers 0..{depth - 1})")
+        layers = wanted or spaced_layers(depth, self.student.num_layers)
+        pruned = shape.get("pruned_heads") or {}
+        return {
+            **shape,
+            "num_hidden_layers": len(layers),
+            "pruned_heads": {str(n): pruned[str(o)] for n, o in enumerate(layers) if pruned.get(str(o))},
+        }
+
+
+# ---------------------------------------------------------------------------------------------- ONNX
+
+
+class ExportConfig(StageBase):
+    """The current PyTorch model to an ONNX folder that `ORTModelForSequenceClassification` loads."""
+
+    type: Literal["export"]
+    opset: int = Field(
+        18, ge=14, le=21, description="ONNX opset; 18 is the lowest Optimum recommends for BERT-like models."
+    )
+    parity: ParityGate = Field(ParityGate(), description="Parity the export must keep with its PyTorch source.")
+
+
+class OptimizeConfig(StageBase):
+    """ONNX Runtime's transformer graph optimizer through Optimum's `ORTOptimizer`, optionally to FP16."""
+
+    type: Literal["optimize"]
+    level: Literal["O1", "O2", "O3"] = Field(
+        "O2",
+        description="O1: generic graph rewrites; O2: plus transformer fusions (Attention, BiasGelu, ...); "
+        "O3: plus the FastGelu approximation.",
+    )
+    fp16: Literal["auto", True, False] = Field(
+        "auto",
+        description="auto: FP16 only when ONNX Runtime has the CUDA execution provider; on the CPU FP16 adds "
+        "casts and runs no faster.",
+    )
+    fuse_skip_layer_norm: Literal["auto", True, False] = Field(
+        "auto",
+        description="Fuse residual Add + LayerNormalization into SkipLayerNormalization. auto: only for the GPU "
+        "(with fp16); ONNX Runtime's CPU kernel for it is slower than the unfused ops.",
+    )
+    parity: ParityGate = Field(ParityGate(), description="Parity the optimized graph must keep with its source.")
+
+    input_format: ClassVar[str | None] = "onnx"
+
+
+class QuantizeConfig(StageBase):
+    """Dynamic INT8 through Optimum's `ORTQuantizer`."""
+
+    type: Literal["quantize"]
+    instruction_set: Literal["auto", "avx512_vnni", "avx512", "avx2", "arm64"] = Field(
+        "auto", description="Kernel configuration; auto: detected from this machine's CPU flags."
+    )
+    per_channel: bool = Field(
+        False, description="One scale per output channel: closer to FP32, slightly larger and slower on some kernels."
+    )
+    parity: ParityGate = Field(
+        ParityGate(min_agreement=0.99), description="Parity the INT8 graph must keep with its source."
+    )
+
+    input_format: ClassVar[str | None] = "onnx"
+
+
+# ---------------------------------------------------------------------------------------------- after selection
+
+# BentoML tag names: lowercase letters, digits, `_`, `-` and `.`, starting with a letter or digit.
+TAG_NAME = r"^[a-z0-9][a-z0-9_.-]*$"
+
+
+class PackageConfig(StageBase):
+    """Save the selected model into the BentoML model store, for `bentoml serve` and `bentoml build`."""
+
+    type: Literal["package"]
+    model_name: str | None = Field(
+        None,
+        pattern=TAG_NAME,
+        max_length=63,
+        description="Name in the BentoML model store; defaults to the recipe's name, lowercased.",
+    )
+
+
+class PushConfig(StageBase):
+    """Upload the selected model and its model card to the Hugging Face Hub (token: HF_TOKEN or the login)."""
+
+    type: Literal["push"]
+    repo_id: str = Field(pattern=REPO_ID, description="Hub repository, `user/name`.")
+    private: bool = Field(False, description="Create the repository as private.")
+
+
+STAGE_CONFIGS: dict[str, type[StageBase]] = {
+    "train": TrainConfig,
+    "prune": PruneConfig,
+    "distill": DistillConfig,
+    "export": ExportConfig,
+    "optimize": OptimizeConfig,
+    "quantize": QuantizeConfig,
+    "package": PackageConfig,
+    "push": PushConfig,
+}
+
+# A tagged union: pydantic picks the option model by `type` and names the allowed types when it is wrong.
+StageConfig = Annotated[Union[tuple(STAGE_CONFIGS.values())], Field(discriminator="type")]  # noqa: UP007

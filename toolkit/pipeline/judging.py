@@ -1,0 +1,77 @@
+"""After a model stage: measure its model (quality, parity with its input, speed, size) and judge its parity
+gate. Both run on the main process; every process learns the verdict."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from toolkit.config import Recipe, StageBase
+from toolkit.data import PreparedData
+from toolkit.gates import check_gate
+from toolkit.manifest import Artifact, Manifest, fingerprint
+from toolkit.pipeline.errors import StageError
+from toolkit.pipeline.sync import Sync
+
+log = logging.getLogger("toolkit")
+
+
+class Judge:
+    def __init__(self, recipe: Recipe, manifest: Manifest, sync: Sync, forced: set[str]):
+        self.recipe = recipe
+        self.manifest = manifest
+        self.sync = sync
+        self.forced = forced  # stages whose figures are measured again even when up to date
+
+    def evaluate(self, name: str, artifact: Artifact, data: PreparedData) -> None:
+        outcome = self.sync.run(lambda: self._evaluate_on_main(name, artifact, data))
+        if outcome.error is not None:
+            raise outcome.error
+        if outcome.failed:
+            raise StageError(f"evaluating {name!r} failed on the main process: {outcome.failure}")
+
+    def _evaluate_on_main(self, name: str, artifact: Artifact, data: PreparedData) -> None:
+        from toolkit.evaluation import evaluate_artifact
+
+        recipe, entry = self.recipe, self.manifest.stage(name)
+        eval_fp = fingerprint(entry["fingerprint"], recipe.evaluate.model_dump(), recipe.model.max_length)
+        evals = self.manifest.run_dir / "evals"
+        logits_file = evals / f"{name}.logits.npy"
+        if entry.get("eval_fingerprint") == eval_fp and logits_file.is_file() and name not in self.forced:
+            return
+        log.info(f"  evaluating {name} on the {recipe.evaluate.split} split")
+        evals.mkdir(exist_ok=True)
+        # The stage's own record of its input: an export may have read an earlier model than the last one.
+        reference = evals / f"{entry['input']['stage']}.logits.npy"
+        start = time.perf_counter()
+        result = evaluate_artifact(
+            artifact,
+            data,
+            recipe.evaluate,
+            recipe.model.max_length,
+            logits_file,
+            np.load(reference) if reference.is_file() else None,
+            device=recipe.device,
+        )
+        seconds = round(time.perf_counter() - start, 2)
+        self.manifest.update(name, {"evaluation": result, "eval_fingerprint": eval_fp, "eval_seconds": seconds})
+
+    def passes_gate(self, cfg: StageBase, source: Artifact) -> bool:
+        """Judge a gated stage's parity; a failure is recorded as `failed_gate` and said plainly."""
+        gate = getattr(cfg, "parity", None)
+        if gate is None:
+            return True
+        if self.sync.is_main:
+            entry = self.manifest.stage(cfg.name)
+            verdict = check_gate(gate, (entry.get("evaluation") or {}).get("parity"))
+            self.manifest.update(cfg.name, {"gate": verdict, "status": "done" if verdict["passed"] else "failed_gate"})
+            if not verdict["passed"]:
+                log.error(
+                    f"{cfg.name}: FAILED its parity gate ({'; '.join(verdict['reasons'])}); "
+                    f"its model is not used, later stages start from {source.stage!r}"
+                )
+        self.sync.wait()
+        self.manifest.reload()
+        return self.manifest.stage(cfg.name)["gate"]["passed"]

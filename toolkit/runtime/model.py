@@ -1,0 +1,148 @@
+"""A model folder (PyTorch or ONNX) behind one interface: raw texts in, float32 logits out. Tokenisation is part
+of every call, because it is part of what a user waits for: the figures in the report are the served path's.
+
+The feeder gives a graph exactly the inputs it declares: what the tokenizer gave, and zeros for
+`token_type_ids` when the tokenizer gives none (an XLM-R tokenizer on a BERT graph, as in multilingual-e5).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.runtime.hardware import resolve_device, resolve_threads
+from toolkit.runtime.onnx import onnx_file, ort_session
+from toolkit.runtime.tokenizer import Tokenizer
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".pt")
+
+
+def weights_size(path: Path | str) -> int:
+    """Bytes of model weights on disk (tokenizer and config files excluded)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def feed(batch: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
+    """The inputs a model takes, from a tokenised batch: missing `token_type_ids` are zeros, extra ones dropped."""
+    out = {}
+    for name in wanted:
+        if name in batch:
+            out[name] = batch[name]
+        elif name == "token_type_ids":
+            out[name] = np.zeros_like(batch["input_ids"])
+        else:
+            raise ValueError(f"the model takes {name!r}, which its tokenizer does not give ({sorted(batch)})")
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+class InferenceModel:
+    """`logits(texts)` for one model folder; `device` and `threads` say where and how it runs."""
+
+    format = "?"
+
+    def __init__(self, path: Path | str, max_length: int, threads: int | None, device: str | None):
+        self.path = path
+        self.max_length = max_length
+        self.threads = resolve_threads(threads)
+        self.tokenizer = Tokenizer(path, max_length)
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        return self.run(self.tokenizer(texts))
+
+    def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def logits_batched(self, texts: list[str], batch_size: int) -> np.ndarray:
+        out = [self.logits(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    @property
+    def num_parameters(self) -> int:
+        raise NotImplementedError
+
+
+class OnnxModel(InferenceModel):
+    """ONNX Runtime on the folder's graph; on CUDA, inputs and outputs are bound to the device (IO binding)."""
+
+    format = "onnx"
+
+    def __init__(self, path: Path | str, max_length: int, threads: int | None = None, device: str | None = None):
+        super().__init__(path, max_length, threads, device)
+        self.file = onnx_file(path)
+        cuda = resolve_device(device, "onnx") == "cuda"
+        self.session = ort_session(self.file, self.threads, cuda=cuda)
+        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_name = self.session.get_outputs()[0].name
+
+    def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = feed(batch, self.input_names)
+        if self.device != "cuda":
+            return self.session.run([self.output_name], inputs)[0].astype(np.float32)
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(self.output_name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0].astype(np.float32)
+
+    @property
+    def num_parameters(self) -> int:
+        import onnx
+
+        graph = onnx.load(str(self.file), load_external_data=False).graph
+        return int(sum(np.prod(t.dims, dtype=np.int64) for t in graph.initializer))
+
+
+class TorchModel(InferenceModel):
+    format = "pytorch"
+
+    def __init__(self, path: Path | str, max_length: int, threads: int | None = None, device: str | None = None):
+        try:
+            import torch
+            from transformers import AutoModelForSequenceClassification
+        except ImportError as exc:
+            raise ImportError(
+                f"{path} holds a PyTorch model, which needs torch and transformers; the CPU bento ships only "
+                "ONNX Runtime: build with `bentoml build -f bentofile-gpu.yaml` or select an ONNX stage"
+            ) from exc
+
+        super().__init__(path, max_length, threads, device)
+        torch.set_num_threads(self.threads)
+        self.device = resolve_device(device, "torch")
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        # DistilBERT/RoBERTa-style models take no token_type_ids.
+        accepted = inspect.signature(self.model.forward).parameters
+        self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
+
+    def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        # Only what the tokenizer gave: the model's own default for a missing input is the right one.
+        tensors = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items() if k in self.input_names}
+        with torch.inference_mode():
+            return self.model(**tensors).logits.float().cpu().numpy()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+MODELS: dict[str, type[InferenceModel]] = {"pytorch": TorchModel, "onnx": OnnxModel}
+
+
+def load_model(
+    path: Path | str, fmt: str, max_length: int, threads: int | None = None, device: str | None = None
+) -> InferenceModel:
+    """The model of a folder. `threads`: 0/None for TOOLKIT_THREADS or every core; `device`: a recipe's device
+    (auto, cpu, cuda) or None for TOOLKIT_DEVICE."""
+    if fmt not in MODELS:
+        raise ValueError(f"unknown model format {fmt!r}; known: {', '.join(MODELS)}")
+    return MODELS[fmt](path, max_length, threads, device)

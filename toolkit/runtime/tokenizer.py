@@ -1,0 +1,55 @@
+"""The one tokenizer path: a model folder's `tokenizer.json` through the `tokenizers` library (no transformers
+import, so the service stays small), truncated to the recipe's length and padded to the batch's longest text.
+
+It returns the inputs the tokenizer defines (`model_input_names` in `tokenizer_config.json`, as transformers
+does): an XLM-R tokenizer gives no `token_type_ids`, even on a BERT graph that takes them; the feeder
+(`toolkit.runtime.model`) fills what a graph needs and the tokenizer does not give.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+class Tokenizer:
+    def __init__(self, folder: Path | str, max_length: int):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        folder = Path(folder)
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{folder} has no tokenizer.json (a fast tokenizer's file); save the model's tokenizer with "
+                "transformers' `save_pretrained` from a fast tokenizer"
+            )
+        self.tok = FastTokenizer.from_file(str(file))
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        pad = config.get("pad_token") or "[PAD]"
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        pad_id = self.tok.token_to_id(pad)
+        self.set_max_length(max_length)
+        self.tok.enable_padding(pad_id=pad_id if pad_id is not None else 0, pad_token=pad)
+        self.input_names = tuple(config.get("model_input_names") or DEFAULT_INPUTS)
+
+    def set_max_length(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.tok.enable_truncation(max_length)
+
+    def count(self, text: str) -> int:
+        """Word pieces of a text, special tokens excluded, before truncation."""
+        return len(self.tok.encode(text, add_special_tokens=False).ids)
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encodings = self.tok.encode_batch(texts)
+        arrays = {
+            "input_ids": lambda: [e.ids for e in encodings],
+            "attention_mask": lambda: [e.attention_mask for e in encodings],
+            "token_type_ids": lambda: [e.type_ids for e in encodings],
+        }
+        return {name: np.array(arrays[name](), dtype=np.int64) for name in self.input_names if name in arrays}

@@ -1,0 +1,30 @@
+"""A packaged model as the service runs it: the bundle's `toolkit.json` (format, labels, max length) and the one
+inference runtime that evaluation measured (`toolkit.runtime`). Built once per worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.runtime import load_model, softmax
+from toolkit.serving.bundle import read_meta
+
+
+class ServedModel:
+    def __init__(self, folder: str | Path, threads: int | None = None, device: str | None = None):
+        folder = Path(folder)
+        self.meta = read_meta(folder)
+        self.labels: list[str] = self.meta["labels"]
+        self.model = load_model(folder, self.meta["format"], int(self.meta["max_length"]), threads, device)
+
+    def logits(self, texts: list[str]) -> np.ndarray:
+        return self.model.logits(texts)
+
+    def predict(self, texts: list[str]) -> tuple[list[int], list[float]]:
+        """Class ids and the probability of each predicted class."""
+        if not texts:
+            return [], []
+        probs = softmax(self.logits(texts).astype(np.float64))
+        ids = probs.argmax(axis=-1)
+        return ids.tolist(), probs[np.arange(len(ids)), ids].tolist()
