@@ -136,3 +136,10 @@ def test_engine_logs_through_logging_for_library_users(toy_recipe, write_recipe,
     messages = [r.getMessage() for r in caplog.records if r.name == "toolkit"]
     assert "train (train) from pretrained" in messages
     assert any(m.startswith("selected: train") for m in messages)
+
+
+def test_validate_explain_shows_each_option_with_its_value_and_meaning(toy_recipe, write_recipe):
+    result = CliRunner().invoke(app, ["validate", str(write_recipe(toy_recipe)), "--explain"])
+    assert result.exit_code == 0, result.output
+    assert "    epochs: 8  # Passes over the training split." in result.output
+    assert "    seed: 42 (default)  # Seed for weights, shuffling and dropout." in result.output

@@ -71,7 +71,10 @@ def _load(recipe_path: Path):
 
 
 @app.command()
-def validate(recipe: RecipeArg) -> None:
+def validate(
+    recipe: RecipeArg,
+    explain: Annotated[bool, typer.Option("--explain", help="Show every stage option, its value and meaning.")] = False,
+) -> None:
     """Check a recipe (keys, values, files, model) without running anything."""
     parsed = _load(recipe)
     stages = " -> ".join(f"{s.name}" + ("" if s.enabled else " (disabled)") for s in parsed.stages)
@@ -80,6 +83,13 @@ def validate(recipe: RecipeArg) -> None:
     typer.echo(f"  data: {parsed.data.format} {parsed.data.path or parsed.data.train}")
     typer.echo(f"  stages: {stages}")
     typer.echo(f"  run folder: {parsed.run_dir}")
+    if explain:
+        from toolkit.config.reference import explain as explained
+
+        for stage in parsed.stages:
+            typer.echo(f"  {stage.name}:")
+            for line in explained(stage):
+                typer.echo(f"    {line}")
 
 
 @app.command()

@@ -36,6 +36,18 @@ def markdown() -> str:
     return "\n".join(sections).rstrip() + "\n"
 
 
+def explain(options: BaseModel) -> list[str]:
+    """One line per option of a validated section: its value (set in the recipe or the default) and what it does."""
+    lines = []
+    for key, field in _ordered(type(options)):
+        value = getattr(options, key)
+        shown = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        mark = "" if key in options.model_fields_set else " (default)"
+        description = field.description or getattr(StageBase.model_fields.get(key), "description", "") or ""
+        lines.append(f"{key}: {json.dumps(shown)}{mark}  # {description}")
+    return lines
+
+
 def _model_sections(model: type[BaseModel], title: str, out: list[str], seen: set, level: str = "##") -> None:
     nested: list[tuple[str, type[BaseModel]]] = []
     doc = " ".join((model.__doc__ or "").split()) if model.__doc__ and "pydantic" not in model.__doc__ else ""
