@@ -133,3 +133,27 @@ def test_service_answers_rejects_bad_input_and_batches(packaged_onnx, tmp_path):
             assert requests.get(f"{url}/{probe}", timeout=10).status_code == 200
         metrics = requests.get(f"{url}/metrics", timeout=10).text
         assert "bentoml_service_request_total" in metrics
+
+
+@pytest.mark.slow
+def test_bento_ships_the_service_and_its_runtime_only(packaged_onnx, tmp_path):
+    """`bentoml build` copies serving and runtime code only, and the service imports from that copy alone."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TOOLKIT_MODEL": "toy-onnx:latest"}
+    built = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    src = next((Path(os.environ["BENTOML_HOME"]) / "bentos" / "toolkit-classifier").glob("*/src"))
+    shipped = sorted(p.relative_to(src).parts[1] for p in src.rglob("*.py") if p.parts[-2] != "toolkit")
+    assert set(shipped) == {"serving", "runtime"}, shipped
+    heavy = "('torch', 'transformers', 'datasets', 'accelerate', 'textbrewer', 'optimum')"
+    code = f"import toolkit, toolkit.serving.service, sys; print(toolkit.__file__); print([m for m in {heavy} if m in sys.modules])"
+    ran = subprocess.run([sys.executable, "-c", code], cwd=src, env=env, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines()[0].startswith(str(src)), ran.stdout
+    assert ran.stdout.splitlines()[1] == "[]", ran.stdout  # no training library is loaded to serve
