@@ -157,3 +157,100 @@ def test_bento_ships_the_service_and_its_runtime_only(packaged_onnx, tmp_path):
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.splitlines()[0].startswith(str(src)), ran.stdout
     assert ran.stdout.splitlines()[1] == "[]", ran.stdout  # no training library is loaded to serve
+
+
+def raw_post(url: str, path: str, body: bytes, headers: dict[str, str]) -> requests.Response:
+    return requests.post(f"{url}/{path}", data=body, headers=headers, timeout=30)
+
+
+@pytest.mark.slow
+def test_http_contract_media_types_body_size_and_openapi(packaged_onnx, tmp_path):
+    env = {**LIMITS, "TOOLKIT_MAX_BODY_BYTES": "4096"}
+    with serving(env, log=tmp_path / "serve.log") as url:
+        for path in ("classify", "classify_batch"):
+            for headers, body in (
+                ({"Content-Type": "multipart/form-data"}, b"x"),
+                ({"Content-Type": "multipart/form-data; boundary=zz"}, b"--zz\r\n\r\nhello\r\n--zz--\r\n"),
+                ({"Content-Type": "text/plain"}, b"a good film"),
+                ({"Content-Type": "application/x-www-form-urlencoded"}, b"text=good"),
+                ({}, b""),
+            ):
+                answer = raw_post(url, path, body, headers)
+                assert answer.status_code == 415, (path, headers, answer.status_code, answer.text)
+                assert "application/json" in answer.json()["error"]
+            big = json.dumps({"text": "x" * 10_000}).encode()
+            answer = raw_post(url, path, big, {"Content-Type": "application/json"})
+            assert answer.status_code == 413 and "over 4096 bytes" in answer.json()["error"]
+
+            def chunks(data=big):
+                yield from (data[i : i + 1000] for i in range(0, len(data), 1000))
+
+            answer = requests.post(f"{url}/{path}", data=chunks(), headers={"Content-Type": "application/json"})
+            assert answer.status_code == 413, answer.text
+        ok = raw_post(url, "classify", b'{"text": "fine"}', {"Content-Type": "application/json; charset=utf-8"})
+        assert ok.status_code == 200, ok.text
+
+        spec = requests.get(f"{url}/docs.json", timeout=10).json()
+        for path in ("/classify", "/classify_batch"):
+            operation = spec["paths"][path]["post"]
+            assert operation["requestBody"]["required"] is True
+            assert {"400", "413", "415", "503"} <= set(operation["responses"])
+            assert "Retry-After" in operation["responses"]["503"]["headers"]
+        text = spec["paths"]["/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert text["properties"]["text"]["maxLength"] == 300 and "pattern" in text["properties"]["text"]
+
+
+@pytest.mark.slow
+def test_overload_is_shed_with_503_and_retry_after_then_recovers(packaged_onnx, tmp_path):
+    env = {**LIMITS, "TOOLKIT_MAX_PENDING": "8", "TOOLKIT_RETRY_AFTER_S": "2"}
+    batch = {"text": [" ".join(["a lovely story"] * 20)] * 8}
+    with serving(env, log=tmp_path / "serve.log") as url:
+        shed = []
+        for _ in range(5):  # bounded: a few bursts until the queue overflows at least once
+            with ThreadPoolExecutor(64) as pool:
+                answers = list(pool.map(lambda _: post(url, "classify_batch", batch), range(64)))
+            assert {a.status_code for a in answers} <= {200, 503}
+            shed = [a for a in answers if a.status_code == 503]
+            if shed:
+                break
+        assert shed, "64 concurrent batches never filled an 8-text queue"
+        assert all(a.headers["Retry-After"] == "2" and "queue is full" in a.json()["error"] for a in shed)
+        assert any(a.status_code == 200 for a in answers)
+        recovered = post(url, "classify_batch", batch)
+        assert recovered.status_code == 200 and len(recovered.json()["categories"]) == 8
+        metrics = requests.get(f"{url}/metrics", timeout=10).text
+        assert "toolkit_shed_requests_total" in metrics and "toolkit_model_batch_size_bucket" in metrics
+        shed_count = next(line for line in metrics.splitlines() if line.startswith("toolkit_shed_requests_total"))
+        assert float(shed_count.split()[-1]) >= len(shed)
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_nothing_on_the_classify_routes(packaged_onnx, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
+    assert cli, "schemathesis is a dev dependency"
+    with serving(LIMITS, log=tmp_path / "serve.log") as url:
+        done = subprocess.run(
+            [
+                cli,
+                "run",
+                f"{url}/docs.json",
+                "--checks",
+                "all",
+                "--include-path-regex",
+                "/classify",
+                "--max-examples",
+                "100",
+                "--seed",
+                "1",
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "No issues found" in done.stdout

@@ -4,23 +4,32 @@ one TOOLKIT_MODEL names (`name` or `name:version`).
 One service, one model runtime per worker. Requests that arrive while the model is busy are merged into the next
 model call (`MicroBatcher`, at most TOOLKIT_MAX_BATCH_SIZE texts): BentoML's own `batchable=True` needs a second
 service for a single-text API, and that inter-service hop answered 503 ("process is overloaded") and dropped
-connections under 32 concurrent clients here. Limits on input come from the environment: TOOLKIT_MAX_BATCH
-(texts per batch request, default 64) and TOOLKIT_MAX_CHARS (characters per text, default 2000).
+connections under 32 concurrent clients here. Limits come from the environment: TOOLKIT_MAX_BATCH (texts per
+batch request, default 64), TOOLKIT_MAX_CHARS (characters per text, default 2000), TOOLKIT_MAX_BODY_BYTES (request
+body, default 1 MiB: 413 beyond), TOOLKIT_MAX_PENDING (texts accepted and not yet answered, per worker, default
+256: 503 with Retry-After beyond).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated
 
 import bentoml
 from pydantic import AfterValidator, BaseModel, Field
+
+from toolkit.serving.guard import RequestGuard
 
 MAX_BATCH = int(os.environ.get("TOOLKIT_MAX_BATCH", "64"))
 MAX_CHARS = int(os.environ.get("TOOLKIT_MAX_CHARS", "2000"))
 MAX_BATCH_SIZE = int(os.environ.get("TOOLKIT_MAX_BATCH_SIZE", str(max(64, MAX_BATCH))))
 WORKERS = int(os.environ.get("TOOLKIT_WORKERS", "1"))
 TIMEOUT_S = int(os.environ.get("TOOLKIT_TIMEOUT_S", "60"))
+MAX_BODY_BYTES = int(os.environ.get("TOOLKIT_MAX_BODY_BYTES", str(1 << 20)))
+MAX_PENDING = int(os.environ.get("TOOLKIT_MAX_PENDING", "256"))
+RETRY_AFTER_S = int(os.environ.get("TOOLKIT_RETRY_AFTER_S", "1"))
+ROUTES = ("/classify", "/classify_batch")
 
 
 def latest_model_tag() -> str:
@@ -37,13 +46,55 @@ def latest_model_tag() -> str:
     return str(max(models, key=lambda m: m.info.creation_time).tag)
 
 
+class _Load:
+    """What the request guard reads: this worker's queue, once the service has started."""
+
+    batcher = None
+
+    def overloaded(self) -> bool:
+        return self.batcher is not None and self.batcher.load >= MAX_PENDING
+
+
+LOAD = _Load()
+
+
+class _Metrics:
+    """Served at /metrics beside BentoML's own: model-call sizes, texts waiting, requests shed."""
+
+    def __init__(self) -> None:
+        from bentoml.metrics import Counter, Gauge, Histogram
+
+        buckets = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+        self.batch_size = Histogram("toolkit_model_batch_size", "Texts per model call", buckets=buckets)
+        self.queue = Gauge("toolkit_queue_texts", "Texts accepted and not yet answered")
+        self.queue.set_function(lambda: LOAD.batcher.load if LOAD.batcher is not None else 0)
+        self.shed = Counter("toolkit_shed_requests", "Requests answered 503 because the queue was full")
+
+    def batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+
+METRICS = _Metrics()
+
+
+# Some character that is not whitespace, with whitespace as JSON Schema's (ECMA) `\s` has it, so that the
+# document's pattern and the validator agree on every text (Python's str.strip also strips U+0085 and others).
+NON_BLANK = "[^\\t\\n\\v\\f\\r \\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff]"
+_NON_BLANK = re.compile(NON_BLANK)
+
+
 def _not_blank(text: str) -> str:
-    if not text.strip():
+    if not _NON_BLANK.search(text):
         raise ValueError("text is empty (or only whitespace)")
     return text
 
 
-Text = Annotated[str, Field(max_length=MAX_CHARS), AfterValidator(_not_blank)]
+# The pattern is for the OpenAPI document; the validator says why in words.
+Text = Annotated[
+    str,
+    Field(max_length=MAX_CHARS, json_schema_extra={"minLength": 1, "pattern": NON_BLANK}),
+    AfterValidator(_not_blank),
+]
 
 
 class Single(BaseModel):
@@ -70,7 +121,8 @@ class Classifier:
         # Workers share the cores: each gets its part for ONNX Runtime's intra-op threads.
         self.runtime = ServedModel(self.bento_model.path, max(1, resolve_threads() // WORKERS))
         self.labels = self.runtime.labels
-        self.batcher = MicroBatcher(self._predict_batch, MAX_BATCH_SIZE)
+        self.batcher = MicroBatcher(self._predict_batch, MAX_BATCH_SIZE, on_batch=METRICS.batch)
+        LOAD.batcher = self.batcher
 
     def _predict_batch(self, texts: list[str]) -> list[tuple[int, float]]:
         ids, probs = self.runtime.predict(texts)
@@ -92,3 +144,13 @@ class Classifier:
         """Several texts -> class ids, probabilities and labels, in input order."""
         ids, probs, labels = await self._predict(text)
         return Batch(categories=ids, probabilities=probs, labels=labels)
+
+
+Classifier.add_asgi_middleware(
+    RequestGuard,
+    paths=ROUTES,
+    max_body=MAX_BODY_BYTES,
+    overloaded=LOAD.overloaded,
+    retry_after_s=RETRY_AFTER_S,
+    on_shed=lambda: METRICS.shed.inc(),
+)
