@@ -174,3 +174,30 @@ def test_served_answers_equal_evaluation_over_http(tiny_model, data, tmp_path):
             body = answer.json()
             assert body["categories"] == int(expected[i].argmax()) and body["label"] == LABELS[body["categories"]]
             assert body["probabilities"] == float(expected[i].max())
+
+
+def test_length_groups_cover_the_batch_and_pad_less():
+    from toolkit.runtime.model import length_groups
+
+    lengths = np.array([5, 60, 6, 7, 58, 5, 61, 8])
+    groups = length_groups(lengths, call_cost=16)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+    assert [sorted(lengths[g].tolist()) for g in groups] == [[5, 5, 6, 7, 8], [58, 60, 61]]
+
+    def padded(gs):
+        return sum(len(g) * lengths[g].max() + 16 for g in gs)
+
+    assert padded(groups) < padded([np.arange(len(lengths))])
+    assert len(length_groups(lengths, call_cost=10_000)) == 1  # a costly call: one group
+    assert len(length_groups(np.array([9, 9, 9, 9]), call_cost=0)) == 1  # nothing to gain from splitting
+
+
+def test_bucketed_calls_give_each_text_its_own_padding(tiny_model, tmp_path):
+    """A batch split by length equals each group run alone, padded to its own longest text."""
+    folder = classifier(tiny_model, tmp_path / "pt")
+    model = load_model(folder, "pytorch", MAX_LENGTH, 1, "cpu")
+    bucketed = model.logits(TEXTS)
+    one_by_one = np.concatenate([model.logits([t]) for t in TEXTS])
+    np.testing.assert_allclose(bucketed, one_by_one, atol=1e-5)
+    model.buckets = False
+    np.testing.assert_allclose(model.logits(TEXTS), one_by_one, atol=1e-5)  # FP32: padding changes nothing

@@ -37,6 +37,24 @@ def feed(batch: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarra
     return out
 
 
+def length_groups(lengths: np.ndarray, call_cost: int = 256) -> list[np.ndarray]:
+    """Indices of a batch grouped by token count so that the padded work plus a per-call cost is least: texts
+    sorted by length, cut where a new call pays for itself (exact, by dynamic programming over the cuts).
+    `call_cost` is a model call's fixed cost in padded tokens."""
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order].tolist()
+    n = len(sorted_lengths)
+    best, cut = [0] + [None] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        width = sorted_lengths[end - 1]
+        best[end], cut[end] = min((best[start] + (end - start) * width + call_cost, start) for start in range(end))
+    groups, end = [], n
+    while end > 0:
+        groups.append(order[cut[end] : end])
+        end = cut[end]
+    return groups[::-1]
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
@@ -47,6 +65,10 @@ class InferenceModel:
 
     format = "?"
 
+    # Split a batch into calls of similar length (each padded to its own longest text) instead of padding
+    # every text to the batch's longest.
+    buckets = True
+
     def __init__(self, path: Path | str, max_length: int, threads: int | None, device: str | None):
         self.path = path
         self.max_length = max_length
@@ -54,7 +76,16 @@ class InferenceModel:
         self.tokenizer = Tokenizer(path, max_length)
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        return self.run(self.tokenizer(texts))
+        batch = self.tokenizer(texts)
+        if not self.buckets or len(texts) < 2:
+            return self.run(batch)
+        lengths = batch["attention_mask"].sum(axis=1)
+        parts = [(index, self.run({k: v[index, : lengths[index].max()] for k, v in batch.items()}))
+                 for index in length_groups(lengths)]  # fmt: skip
+        out = np.empty((len(texts), parts[0][1].shape[1]), dtype=np.float32)
+        for index, logits in parts:
+            out[index] = logits
+        return out
 
     def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
@@ -73,11 +104,18 @@ class OnnxModel(InferenceModel):
 
     format = "onnx"
 
-    def __init__(self, path: Path | str, max_length: int, threads: int | None = None, device: str | None = None):
+    def __init__(
+        self,
+        path: Path | str,
+        max_length: int,
+        threads: int | None = None,
+        device: str | None = None,
+        spin: bool | None = None,
+    ):
         super().__init__(path, max_length, threads, device)
         self.file = onnx_file(path)
         cuda = resolve_device(device, "onnx") == "cuda"
-        self.session = ort_session(self.file, self.threads, cuda=cuda)
+        self.session = ort_session(self.file, self.threads, cuda=cuda, spin=spin)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
@@ -139,10 +177,15 @@ MODELS: dict[str, type[InferenceModel]] = {"pytorch": TorchModel, "onnx": OnnxMo
 
 
 def load_model(
-    path: Path | str, fmt: str, max_length: int, threads: int | None = None, device: str | None = None
+    path: Path | str,
+    fmt: str,
+    max_length: int,
+    threads: int | None = None,
+    device: str | None = None,
+    **options,
 ) -> InferenceModel:
     """The model of a folder. `threads`: 0/None for TOOLKIT_THREADS or every core; `device`: a recipe's device
-    (auto, cpu, cuda) or None for TOOLKIT_DEVICE."""
+    (auto, cpu, cuda) or None for TOOLKIT_DEVICE; `options` for the format's class (ONNX: `spin`)."""
     if fmt not in MODELS:
         raise ValueError(f"unknown model format {fmt!r}; known: {', '.join(MODELS)}")
-    return MODELS[fmt](path, max_length, threads, device)
+    return MODELS[fmt](path, max_length, threads, device, **options)

@@ -31,13 +31,17 @@ def onnx_file(folder: Path | str) -> Path:
     )
 
 
-def ort_session(file: Path, threads: int, cuda: bool = False):
+def ort_session(file: Path, threads: int, cuda: bool = False, spin: bool | None = None):
     """`threads` within an op, one between ops (a classifier's graph is a single chain), every graph
-    optimization but the ones slower on this provider. CUDA only where ONNX Runtime has its provider."""
+    optimization but the ones slower on this provider. CUDA only where ONNX Runtime has its provider.
+    `spin`: whether idle intra-op threads spin for work (ONNX Runtime's default, None, is to spin); a server
+    whose event loop shares the cores can lose more to spinning than it gains."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if spin is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

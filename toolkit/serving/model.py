@@ -12,11 +12,13 @@ from toolkit.serving.bundle import read_meta
 
 
 class ServedModel:
-    def __init__(self, folder: str | Path, threads: int | None = None, device: str | None = None):
+    def __init__(self, folder: str | Path, threads: int | None = None, device: str | None = None, **options):
         folder = Path(folder)
         self.meta = read_meta(folder)
         self.labels: list[str] = self.meta["labels"]
-        self.model = load_model(folder, self.meta["format"], int(self.meta["max_length"]), threads, device)
+        fmt = self.meta["format"]
+        options = options if fmt == "onnx" else {}
+        self.model = load_model(folder, fmt, int(self.meta["max_length"]), threads, device, **options)
 
     def logits(self, texts: list[str]) -> np.ndarray:
         return self.model.logits(texts)
