@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import bz2
+import gzip
 import json
+import lzma
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,50 @@ def test_split_fractions_must_leave_training_data(tmp_path):
 
     with pytest.raises(RecipeError, match=r"data.split: validation \+ test = 0.9 leaves too little"):
         data_config(tmp_path, train=str(write_tsv(tmp_path / "a.tsv", ROWS)), split={"validation": 0.4, "test": 0.5})
+
+
+CHINESE = [("这部电影很好看", "positive"), ("质量太差了", "negative")] * 6
+
+
+@pytest.mark.parametrize("encoding", ["gbk", "gb18030", "latin-1"])
+def test_data_encoding_reads_other_encodings(tmp_path, encoding):
+    rows = (
+        CHINESE if encoding.startswith("gb") else [("café au lait, très bon", "positive"), ("mauvais", "negative")] * 6
+    )
+    body = "index\tsentence\tlabel\n" + "".join(f"{i}\t{t}\t{label}\n" for i, (t, label) in enumerate(rows))
+    path = tmp_path / "train.tsv"
+    path.write_bytes(body.encode(encoding))
+    with pytest.raises(DataError, match=r"train\.tsv:2: bytes that are not UTF-8 .*set data\.encoding"):
+        read_all(data_config(tmp_path, train=str(path)))
+    texts, _, names = read_all(data_config(tmp_path, train=str(path), encoding=encoding))
+    assert rows[0][0] in texts["train"] + texts["test"] + texts["validation"] and names == ["negative", "positive"]
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-32", "utf-8-sig"])
+def test_byte_order_mark_decides_the_encoding(tmp_path, codec):
+    body = "index\tsentence\tlabel\n" + "".join(f"{i}\t{t}\t{label}\n" for i, (t, label) in enumerate(CHINESE))
+    path = tmp_path / "train.tsv"
+    path.write_bytes(body.encode(codec))  # Python's utf-16/utf-32 codecs write a BOM
+    texts, _, _ = read_all(data_config(tmp_path, train=str(path)))
+    assert sum(len(t) for t in texts.values()) == len(CHINESE)
+
+
+def test_nul_byte_and_broken_compressed_files_name_the_file(tmp_path):
+    nul = tmp_path / "nul.tsv"
+    nul.write_bytes("index\tsentence\tlabel\n0\tgood\t1\n".encode("utf-16-le"))  # UTF-16 without a BOM
+    with pytest.raises(DataError, match=r"nul\.tsv:1: a NUL byte, so this is not UTF-8 text"):
+        read_all(data_config(tmp_path, train=str(nul)))
+    good = ("index\tsentence\tlabel\n" + "0\tgood film\t1\n" * 200).encode()
+    for suffix, compress in ((".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress)):
+        path = tmp_path / f"train.tsv{suffix}"
+        path.write_bytes(compress(good)[:-20])  # cut short, as an interrupted download
+        with pytest.raises(DataError, match=rf"train\.tsv\{suffix}: the \w+ file is truncated or corrupt"):
+            read_all(data_config(tmp_path, train=str(path)))
+
+
+def test_unknown_encoding_is_a_recipe_error(tmp_path):
+    from toolkit.recipe import RecipeError
+
+    path = write_tsv(tmp_path / "train.tsv", ROWS)
+    with pytest.raises(RecipeError, match=r"data\.encoding: Value error, unknown encoding 'klingon'|unknown encoding"):
+        data_config(tmp_path, train=str(path), encoding="klingon")

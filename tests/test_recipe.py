@@ -95,3 +95,32 @@ def test_invalid_yaml_and_non_mapping(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(RecipeError, match="must be a mapping"):
         load_recipe(bad)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "message"),
+    [
+        ("nosuchstage", r"teacher 'nosuchstage' is not an earlier enabled stage; it must name an earlier enabled"),
+        ("later", r"teacher 'later' is not an earlier enabled stage"),
+        ("off", r"teacher 'off' is not an earlier enabled stage"),
+        ("export", r"teacher 'export' makes no PyTorch model; .*\(here: train\)"),
+    ],
+)
+def test_distill_teacher_must_name_an_earlier_enabled_model_stage(tmp_path, teacher, message):
+    raw = {
+        "name": "t",
+        "data": {"train": "train.tsv"},
+        "model": {"name": "org/model"},
+        "stages": [
+            {"type": "train"},
+            {"type": "train", "name": "off", "enabled": False},
+            {"type": "export"},
+            {"type": "distill", "teacher": teacher, "student": {"num_layers": 1}},
+            {"type": "train", "name": "later"},
+        ],
+    }
+    (tmp_path / "train.tsv").write_text("index\tsentence\tlabel\n0\ta\t1\n")
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(raw, tmp_path)
+    raw["stages"][3]["teacher"] = "train"
+    assert parse_recipe(raw, tmp_path).stages[3].teacher == "train"

@@ -201,3 +201,20 @@ def test_bucketed_calls_give_each_text_its_own_padding(tiny_model, tmp_path):
     np.testing.assert_allclose(bucketed, one_by_one, atol=1e-5)
     model.buckets = False
     np.testing.assert_allclose(model.logits(TEXTS), one_by_one, atol=1e-5)  # FP32: padding changes nothing
+
+
+def test_tokenizer_without_a_pad_token_is_a_clear_error(tiny_model, tmp_path):
+    import shutil
+
+    from toolkit.runtime.tokenizer import TokenizerError
+
+    folder = shutil.copytree(tiny_model, tmp_path / "nopad")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"nopad: the tokenizer has no pad token \(no pad_token in"):
+        Tokenizer(folder, MAX_LENGTH)
+    config["pad_token"] = "<pad>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=r"its pad_token '<pad>' is not in its vocabulary"):
+        Tokenizer(folder, MAX_LENGTH)

@@ -8,6 +8,7 @@ files' bytes), and tokenisation is a cached `datasets.map` on that saved copy.
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import gzip
 import hashlib
@@ -46,17 +47,48 @@ class Row:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _decode(path: Path) -> str:
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),  # before UTF-16 LE, whose BOM is its prefix
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+DECOMPRESSORS = {".bz2": ("bzip2", bz2.decompress), ".gz": ("gzip", gzip.decompress), ".xz": ("xz", lzma.decompress)}
+
+
+def _decompressed(path: Path) -> bytes:
     raw = path.read_bytes()
-    opener = {".bz2": bz2.decompress, ".gz": gzip.decompress, ".xz": lzma.decompress}.get(path.suffix)
-    if opener is not None:
-        raw = opener(raw)
+    kind, decompress = DECOMPRESSORS.get(path.suffix, (None, None))
+    if decompress is None:
+        return raw
     try:
-        return raw.decode("utf-8-sig")
+        return decompress(raw)
+    except (EOFError, OSError, lzma.LZMAError, ValueError) as exc:
+        raise DataError(
+            f"{path}: the {kind} file is truncated or corrupt ({type(exc).__name__}: {exc}); re-create or re-download it"
+        ) from None
+
+
+def _decode(path: Path, encoding: str = "utf-8") -> str:
+    """The file's text: decompressed by suffix, a BOM wins over `encoding`, every undecodable byte an error."""
+    raw = _decompressed(path)
+    shown = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
+    bom = next((name for mark, name in BOMS if raw.startswith(mark)), None)
+    codec = bom or ("utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding)
+    if bom is None and b"\x00" in raw and codecs.lookup(codec).name not in ("utf-16", "utf-32"):
+        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: a NUL byte, so this is not {shown} text (a binary file, or UTF-16 without a BOM?); "
+            "save it as UTF-8 or set data.encoding"
+        )
+    try:
+        return raw.decode(codec)
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
-            f"{path}:{line}: bytes that are not UTF-8 ({raw[exc.start : exc.start + 4]!r}); re-save the file as UTF-8"
+            f"{path}:{line}: bytes that are not {shown} ({raw[exc.start : exc.start + 4]!r}); re-save the file "
+            "as UTF-8, or set data.encoding to its encoding (e.g. gbk, gb18030, latin-1, utf-16)"
         ) from None
 
 
@@ -72,8 +104,8 @@ def _column_index(path: Path, header: list[str], column: str, key: str) -> int:
     return header.index(column)
 
 
-def read_tsv(path: Path, text_column: str, label_column: str) -> Iterator[Row]:
-    lines = _lines(_decode(path))
+def read_tsv(path: Path, text_column: str, label_column: str, encoding: str = "utf-8") -> Iterator[Row]:
+    lines = _lines(_decode(path, encoding))
     _, first = next(lines, (1, ""))
     header = first.split("\t")
     t = _column_index(path, header, text_column, "text_column")
@@ -90,8 +122,8 @@ def read_tsv(path: Path, text_column: str, label_column: str) -> Iterator[Row]:
         yield Row(f"{path}:{number}", fields[t], fields[lab])
 
 
-def read_csv(path: Path, text_column: str, label_column: str) -> Iterator[Row]:
-    reader = csv.reader(io.StringIO(_decode(path), newline=""))
+def read_csv(path: Path, text_column: str, label_column: str, encoding: str = "utf-8") -> Iterator[Row]:
+    reader = csv.reader(io.StringIO(_decode(path, encoding), newline=""))
     header = next(reader, [])
     t = _column_index(path, header, text_column, "text_column")
     lab = _column_index(path, header, label_column, "label_column")
@@ -111,8 +143,8 @@ def read_csv(path: Path, text_column: str, label_column: str) -> Iterator[Row]:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
 
 
-def read_jsonl(path: Path, text_column: str, label_column: str) -> Iterator[Row]:
-    for number, line in _lines(_decode(path)):
+def read_jsonl(path: Path, text_column: str, label_column: str, encoding: str = "utf-8") -> Iterator[Row]:
+    for number, line in _lines(_decode(path, encoding)):
         if not line.strip():
             continue
         try:
@@ -266,7 +298,7 @@ def read_all(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, list[int]
         if source is None:
             continue
         if cfg.format in READERS:
-            rows[split] = list(READERS[cfg.format](Path(source), cfg.text_column, cfg.label_column))
+            rows[split] = list(READERS[cfg.format](Path(source), cfg.text_column, cfg.label_column, cfg.encoding))
         else:
             rows[split], names = read_dataset_split(cfg, source)
             feature_names = feature_names or names
@@ -319,7 +351,8 @@ def _subsample(texts: dict, labels: dict, cfg: DataConfig) -> None:
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
-    digest = hashlib.sha256(cfg.model_dump_json().encode())
+    # The default encoding is left out so that runs made before `encoding` existed keep their data.
+    digest = hashlib.sha256(cfg.model_dump_json(exclude={"encoding"} if cfg.encoding == "utf-8" else None).encode())
     if cfg.format in READERS:
         for split in SPLITS:
             source = getattr(cfg, split)

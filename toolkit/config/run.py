@@ -4,6 +4,7 @@ for the whole run."""
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +51,11 @@ class DataConfig(Strict):
         description="disk: a folder written by `datasets.save_to_disk`; hub: a dataset id such as `stanfordnlp/sst2`.",
     )
     subset: str | None = Field(None, description="hub: the dataset's configuration name.")
+    encoding: str = Field(
+        "utf-8",
+        description="Text encoding of tsv/csv/jsonl files, by Python's codec names (utf-8, gbk, gb18030, latin-1, "
+        "utf-16, ...); a byte-order mark in the file wins.",
+    )
     text_column: str = Field("sentence", description="Column (or JSON key) holding the text.")
     label_column: str = Field("label", description="Column (or JSON key) holding the label.")
     labels: list[str] | None = Field(
@@ -64,6 +70,17 @@ class DataConfig(Strict):
     )
     split: SplitConfig = Field(SplitConfig(), description="How missing splits are carved out of train.")
     max_samples: dict[SplitName, PositiveInt] = Field({}, description="Stratified subsample per split, by count.")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(
+                f"unknown encoding {value!r}; use a Python codec name such as utf-8, gbk, gb18030, latin-1, utf-16"
+            ) from None
+        return value
 
     @model_validator(mode="after")
     def _resolve(self, info: ValidationInfo) -> DataConfig:
@@ -195,6 +212,7 @@ class Recipe(Strict):
             raise ValueError(f"stage names must be unique; repeated: {dupes} (set `name:` on one of them)")
         self._check_stage_shapes()
         _check_input_formats(self.stages)
+        _check_references(self.stages)
         run_dir = self.output.dir or f"runs/{self.name}"
         self.output.dir = str((base_dir(info) / run_dir).resolve())
         return self
@@ -220,6 +238,31 @@ class Recipe(Strict):
             if stage.name == name:
                 return stage
         raise KeyError(name)
+
+
+# Stage types whose model is PyTorch: what a distillation teacher can be.
+PYTORCH_MAKERS = ("train", "prune", "distill")
+
+
+def _check_references(stages: list) -> None:
+    """A stage that names another (`distill.teacher`) must name an earlier enabled stage that makes its input."""
+    earlier: list = []
+    for number, stage in enumerate(stages):
+        teacher = getattr(stage, "teacher", None)
+        if stage.enabled and teacher is not None:
+            usable = [s.name for s in earlier if s.type in PYTORCH_MAKERS]
+            if teacher not in usable:
+                why = (
+                    "is not an earlier enabled stage"
+                    if teacher not in [s.name for s in earlier]
+                    else "makes no PyTorch model"
+                )
+                raise ValueError(
+                    f"stages[{number}] ({stage.name}): teacher {teacher!r} {why}; it must name an earlier enabled "
+                    f"train, prune or distill stage (here: {', '.join(usable) or 'none'})"
+                )
+        if stage.enabled:
+            earlier.append(stage)
 
 
 def _check_input_formats(stages: list) -> None:

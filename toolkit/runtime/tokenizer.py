@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.errors import ToolkitError
+
 DEFAULT_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+class TokenizerError(ToolkitError, ValueError):
+    """A model folder whose tokenizer cannot batch texts (no tokenizer.json, no pad token)."""
 
 
 class Tokenizer:
@@ -23,18 +29,26 @@ class Tokenizer:
         folder = Path(folder)
         file = folder / "tokenizer.json"
         if not file.is_file():
-            raise FileNotFoundError(
+            raise TokenizerError(
                 f"{folder} has no tokenizer.json (a fast tokenizer's file); save the model's tokenizer with "
                 "transformers' `save_pretrained` from a fast tokenizer"
             )
         self.tok = FastTokenizer.from_file(str(file))
         config_file = folder / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        pad = config.get("pad_token") or "[PAD]"
+        pad = config.get("pad_token")
         pad = pad["content"] if isinstance(pad, dict) else pad
-        pad_id = self.tok.token_to_id(pad)
+        pad_id = self.tok.token_to_id(pad) if pad else None
+        if pad_id is None:
+            problem = (
+                f"its pad_token {pad!r} is not in its vocabulary" if pad else "no pad_token in tokenizer_config.json"
+            )
+            raise TokenizerError(
+                f"{folder}: the tokenizer has no pad token ({problem}), so texts of different lengths cannot share a "
+                "batch; set one and save the tokenizer (e.g. tokenizer.pad_token = tokenizer.eos_token)"
+            )
         self.set_max_length(max_length)
-        self.tok.enable_padding(pad_id=pad_id if pad_id is not None else 0, pad_token=pad)
+        self.tok.enable_padding(pad_id=pad_id, pad_token=pad)
         self.input_names = tuple(config.get("model_input_names") or DEFAULT_INPUTS)
 
     def set_max_length(self, max_length: int) -> None:

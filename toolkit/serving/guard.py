@@ -5,6 +5,9 @@ with a 4xx/503 and a JSON message, before any body is parsed.
 - 413 for a body over `max_body` bytes, by its Content-Length or, for a chunked body, as it streams in,
 - 503 with `Retry-After` while the model's queue holds `max_pending` texts or more (load shedding: a request
   that would wait behind a full queue is better retried than left to time out).
+
+Routes in `answered_here` are answered by the guard itself once they pass (the service's single-text route:
+BentoML's per-request machinery cost more than the model's share of a batched text).
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ Send = Callable
 Receive = Callable
 
 
-async def reject(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
+async def respond(send: Send, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+async def reject(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    await respond(send, status, json.dumps({"error": message}).encode(), headers)
 
 
 class RequestGuard:
@@ -33,7 +39,10 @@ class RequestGuard:
         overloaded: Callable[[], bool],
         retry_after_s: int = 1,
         on_shed: Callable[[], None] | None = None,
+        answered_here: dict[str, Callable] | None = None,
     ):
+        # path -> async (body bytes) -> (status, JSON bytes): routes the guard answers itself
+        self.answered_here = answered_here or {}
         self.app = app
         self.paths = set(paths)
         self.max_body = max_body
@@ -59,6 +68,13 @@ class RequestGuard:
                 self.on_shed()
             message = f"the model's queue is full; retry after {self.retry_after_s} s"
             return await reject(send, 503, message, {"Retry-After": str(self.retry_after_s)})
+        handler = self.answered_here.get(scope["path"])
+        if handler is not None:
+            body = await self._read_limited(receive)
+            if body is None:
+                return await reject(send, 413, self._too_large())
+            status, payload = await handler(body)
+            return await respond(send, status, payload)
         if length is None:  # chunked: read it here, within the limit, and hand BentoML the buffered body
             body = await self._read_limited(receive)
             if body is None:
