@@ -75,6 +75,21 @@ class TrainConfig(StageBase, LoopOptions):
 
 # ---------------------------------------------------------------------------------------------- prune
 
+# Encoder families whose layers `toolkit.pruning` can cut (BERT's layer layout: attention.self.query,
+# intermediate.dense, ...); each runs prune -> distill -> export -> optimize -> quantize in the tests.
+LAYOUT_FAMILIES = ("bert", "electra", "roberta", "xlm-roberta")
+
+
+def check_family(shape: dict[str, Any] | None, stage: str) -> None:
+    """A ValueError naming the model's family when the pruning module cannot cut it (unknown shape: no check)."""
+    family = (shape or {}).get("model_type")
+    if family is not None and family not in LAYOUT_FAMILIES:
+        raise ValueError(
+            f"{stage} cannot cut a model_type {family!r} model; supported families: {', '.join(LAYOUT_FAMILIES)}"
+            + (" (or distil into another pretrained model with student.model)" if stage.startswith("distill") else "")
+        )
+
+
 # An absolute count (int >= 1) or a fraction of what the model has (0 < f < 1).
 Target = PositiveInt | float
 
@@ -129,6 +144,7 @@ class PruneConfig(StageBase, LoopOptions):
         return self
 
     def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
+        check_family(shape, "prune")
         if not shape or "num_attention_heads" not in shape or "intermediate_size" not in shape:
             return shape
         shape = dict(shape)
@@ -249,6 +265,7 @@ class DistillConfig(StageBase, LoopOptions):
     def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
         if self.student.model is not None:
             return local_model_shape(self.student.model)
+        check_family(shape, "distill with a layer subset of the teacher")
         if not shape or "num_hidden_layers" not in shape:
             return shape
         depth = shape["num_hidden_layers"]

@@ -1,0 +1,111 @@
+"""Encoder families beyond BERT: each runs the whole compression chain with every parity gate passing, and a
+family the pruning module cannot cut fails at validation, naming its model_type."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from toolkit.cli import app
+from toolkit.recipe import RecipeError, load_recipe
+
+CHAIN = [
+    {"type": "train", "epochs": 8, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0},
+    {"type": "prune", "heads_per_layer": 2, "ffn_size": 32, "importance_batches": 4},
+    {"type": "distill", "student": {"num_layers": 1}, "epochs": 4, "batch_size": 16, "learning_rate": 2e-3},
+    {"type": "export"},
+    {"type": "optimize"},
+    {"type": "quantize", "instruction_set": "avx2"},
+]
+
+
+def tiny_family_model(family: str, folder: Path, bert_folder: Path) -> Path:
+    """A tiny random encoder of `family` that reads the tiny BERT's WordPiece tokenizer (the tokenizer's kind does
+    not matter to the architecture; its pad id does)."""
+    from transformers import (
+        AutoTokenizer,
+        ElectraConfig,
+        ElectraModel,
+        RobertaConfig,
+        RobertaModel,
+        XLMRobertaConfig,
+        XLMRobertaModel,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(bert_folder)
+    common = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    if family == "electra":
+        model = ElectraModel(ElectraConfig(embedding_size=32, max_position_embeddings=64, **common))
+    else:  # RoBERTa-style positions start after the pad id
+        config_cls, model_cls = {
+            "roberta": (RobertaConfig, RobertaModel),
+            "xlm-roberta": (XLMRobertaConfig, XLMRobertaModel),
+        }[family]
+        model = model_cls(
+            config_cls(max_position_embeddings=64 + tokenizer.pad_token_id + 1, type_vocab_size=1, **common)
+        )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == family
+    return folder
+
+
+@pytest.fixture
+def family_recipe(tiny_model, toy_recipe, tmp_path):
+    def make(family: str, stages=CHAIN) -> Path:
+        model = tiny_model if family == "bert" else tiny_family_model(family, tmp_path / family, tiny_model)
+        recipe = {**toy_recipe, "model": {"name": str(model), "max_length": 16}, "stages": stages}
+        path = tmp_path / f"{family}.yaml"
+        path.write_text(json.dumps(recipe))  # JSON is YAML
+        return path
+
+    return make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "electra"])
+def test_family_runs_prune_distill_and_the_onnx_stages_with_every_gate_passing(family, family_recipe):
+    path = family_recipe(family)
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    stages = json.loads((path.parent / "run" / "manifest.json").read_text())["stages"]
+    assert [stages[s["type"]]["status"] for s in CHAIN] == ["done"] * len(CHAIN), {
+        k: v.get("status") for k, v in stages.items()
+    }
+    for name in ("export", "optimize", "quantize"):
+        assert stages[name]["gate"]["passed"], (name, stages[name]["gate"])
+    assert stages["prune"]["info"]["heads_per_layer"] == [2, 2] and stages["distill"]["info"]["student_layers"] == 1
+    fused = stages["optimize"]["info"]["fused_ops"]
+    print(family, "fusions:", fused, "quantized:", stages["quantize"]["info"]["fused_ops"])
+    assert fused.get("Attention") == 1, fused  # the one student layer's attention is fused
+
+
+def test_family_the_pruner_cannot_cut_fails_at_validation(family_recipe, tmp_path, tiny_model):
+    from transformers import AutoTokenizer, MPNetConfig, MPNetModel
+
+    folder = tmp_path / "mpnet"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    MPNetModel(MPNetConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64)).save_pretrained(folder)  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    path = family_recipe("bert")
+    recipe = json.loads(path.read_text())
+    recipe["model"]["name"] = str(folder)
+    for stages, message in (
+        (CHAIN[:2], r"stages\[1\] \(prune\): prune cannot cut a model_type 'mpnet' model; supported families: bert"),
+        ([CHAIN[0], CHAIN[2]], r"distill with a layer subset of the teacher cannot cut a model_type 'mpnet' model"),
+    ):
+        path.write_text(json.dumps({**recipe, "stages": stages}))
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(path)
+        result = CliRunner().invoke(app, ["validate", str(path)])
+        assert result.exit_code == 1 and "model_type 'mpnet'" in result.output and "Traceback" not in result.output
+    # Distilling into another pretrained model does not cut the teacher: any family may teach.
+    student = {**CHAIN[2], "student": {"model": str(tiny_model)}}
+    path.write_text(json.dumps({**recipe, "stages": [CHAIN[0], student]}))
+    assert load_recipe(path).stages[1].student.model == str(tiny_model)
