@@ -27,6 +27,8 @@ def tiny_family_model(family: str, folder: Path, bert_folder: Path) -> Path:
     not matter to the architecture; its pad id does)."""
     from transformers import (
         AutoTokenizer,
+        DistilBertConfig,
+        DistilBertModel,
         ElectraConfig,
         ElectraModel,
         RobertaConfig,
@@ -35,11 +37,17 @@ def tiny_family_model(family: str, folder: Path, bert_folder: Path) -> Path:
         XLMRobertaModel,
     )
 
-    tokenizer = AutoTokenizer.from_pretrained(bert_folder)
+    # DistilBERT takes no token_type_ids: its tokenizer returns none, as DistilBERT's own does.
+    extra = {"model_input_names": ["input_ids", "attention_mask"]} if family == "distilbert" else {}
+    tokenizer = AutoTokenizer.from_pretrained(bert_folder, **extra)
     common = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    if family == "electra":
+    if family == "distilbert":
+        model = DistilBertModel(DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4,
+                                                 hidden_dim=64, dropout=0.0, attention_dropout=0.0,
+                                                 max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id))  # fmt: skip
+    elif family == "electra":
         model = ElectraModel(ElectraConfig(embedding_size=32, max_position_embeddings=64, **common))
     else:  # RoBERTa-style positions start after the pad id
         config_cls, model_cls = {
@@ -68,7 +76,7 @@ def family_recipe(tiny_model, toy_recipe, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "electra"])
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "electra", "distilbert"])
 def test_family_runs_prune_distill_and_the_onnx_stages_with_every_gate_passing(family, family_recipe):
     path = family_recipe(family)
     result = CliRunner().invoke(app, ["run", str(path)])

@@ -1,5 +1,6 @@
-"""Structured pruning of BERT-like encoders: importance scores, weight slicing, and the config that restores
-the pruned shapes in `from_pretrained`.
+"""Structured pruning of encoders: importance scores, weight slicing, and the config that restores the pruned
+shapes in `from_pretrained`. One small `Layout` per family says where its attention and FFN projections live
+(BERT's layout also serves RoBERTa, XLM-R and ELECTRA; DistilBERT has its own).
 
 Everything here that touches transformers' model internals (`encoder.layer[i].attention.self.query`, ...) is
 kept in this one module: transformers 5 removed `prune_heads`, so the project slices the weights itself and
@@ -14,8 +15,9 @@ layer (L2), as in the paper.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,34 +33,82 @@ class PruningError(ToolkitError, ValueError):
 # ---------------------------------------------------------------------------------------------- model access
 
 
-def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer layers of a BERT-like model (BERT, RoBERTa, ELECTRA, XLM-R share this layout)."""
-    base = getattr(model, "base_model", model)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if layers is None or not all(_is_bert_like(layer) for layer in layers):
+@dataclass(frozen=True)
+class Layout:
+    """Where one encoder family keeps what pruning cuts: the layer list, each layer's attention (q/k/v and the
+    output projection) and FFN (in and out projections), and the config fields that record the new shape."""
+
+    family: str
+    layers: Callable[[nn.Module], nn.ModuleList]  # the base model -> its transformer layers
+    attention: Callable[[nn.Module], nn.Module]  # a layer -> the module holding q/k/v and the head count
+    qkv: tuple[str, str, str]
+    attention_out: Callable[[nn.Module], tuple[nn.Module, str]]  # a layer -> (owner, name) of the output Linear
+    ffn_in: Callable[[nn.Module], tuple[nn.Module, str]]
+    ffn_out: Callable[[nn.Module], tuple[nn.Module, str]]
+    heads_attr: str  # the head count on the attention module
+    width_attr: str  # heads x head size on the attention module
+    ffn_config: str  # the config field of the FFN size
+    layers_config: str  # the config field of the layer count
+
+
+BERT_LAYOUT = Layout(
+    family="BERT (bert, roberta, xlm-roberta, electra)",
+    layers=lambda base: base.encoder.layer,
+    attention=lambda layer: layer.attention.self,
+    qkv=("query", "key", "value"),
+    attention_out=lambda layer: (layer.attention.output, "dense"),
+    ffn_in=lambda layer: (layer.intermediate, "dense"),
+    ffn_out=lambda layer: (layer.output, "dense"),
+    heads_attr="num_attention_heads",
+    width_attr="all_head_size",
+    ffn_config="intermediate_size",
+    layers_config="num_hidden_layers",
+)
+DISTILBERT_LAYOUT = Layout(
+    family="DistilBERT",
+    layers=lambda base: base.transformer.layer,
+    attention=lambda layer: layer.attention,
+    qkv=("q_lin", "k_lin", "v_lin"),
+    attention_out=lambda layer: (layer.attention, "out_lin"),
+    ffn_in=lambda layer: (layer.ffn, "lin1"),
+    ffn_out=lambda layer: (layer.ffn, "lin2"),
+    heads_attr="n_heads",
+    width_attr="dim",
+    ffn_config="hidden_dim",
+    layers_config="n_layers",
+)
+# By `config.model_type`; `toolkit.config.stages.LAYOUT_FAMILIES` lists the same families for validation.
+LAYOUTS = {"bert": BERT_LAYOUT, "roberta": BERT_LAYOUT, "xlm-roberta": BERT_LAYOUT, "electra": BERT_LAYOUT,
+           "distilbert": DISTILBERT_LAYOUT}  # fmt: skip
+
+
+def layout(model: nn.Module) -> Layout:
+    family = getattr(model.config, "model_type", None)
+    if family not in LAYOUTS:
         raise PruningError(
-            f"{type(model).__name__} is not a BERT-like encoder (expected encoder.layer[i].attention.self.query "
-            "and intermediate.dense); pruning supports BERT, RoBERTa, ELECTRA and their relatives"
+            f"{type(model).__name__} (model_type {family!r}) has no pruning layout; supported: {', '.join(LAYOUTS)}"
         )
-    return layers
+    return LAYOUTS[family]
 
 
-def _is_bert_like(layer: nn.Module) -> bool:
-    attention = getattr(layer, "attention", None)
-    return (
-        hasattr(getattr(attention, "self", None), "query")
-        and hasattr(getattr(attention, "output", None), "dense")
-        and hasattr(getattr(layer, "intermediate", None), "dense")
-        and hasattr(getattr(layer, "output", None), "dense")
-    )
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a model of a supported family."""
+    return layout(model).layers(getattr(model, "base_model", model))
+
+
+def _linear(owner_and_name: tuple[nn.Module, str]) -> nn.Linear:
+    owner, name = owner_and_name
+    return getattr(owner, name)
 
 
 def head_counts(model: nn.Module) -> list[int]:
-    return [layer.attention.self.num_attention_heads for layer in encoder_layers(model)]
+    lay = layout(model)
+    return [getattr(lay.attention(layer), lay.heads_attr) for layer in encoder_layers(model)]
 
 
 def ffn_sizes(model: nn.Module) -> list[int]:
-    return [layer.intermediate.dense.out_features for layer in encoder_layers(model)]
+    lay = layout(model)
+    return [_linear(lay.ffn_in(layer)).out_features for layer in encoder_layers(model)]
 
 
 def kept_heads(config: Any) -> list[list[int]]:
@@ -75,17 +125,18 @@ def kept_heads(config: Any) -> list[list[int]]:
 
 @contextmanager
 def _gates(model: nn.Module):
-    """Per-layer gates of ones on every head's output and every FFN neuron, for the length of the block."""
-    layers = encoder_layers(model)
+    """Per-layer gates of ones on every head's output and every FFN neuron, for the length of the block: they
+    multiply the inputs of the attention and FFN output projections (a head's context vector, an activated
+    neuron), which works the same for every layout and for SDPA attention."""
+    lay = layout(model)
     device = next(model.parameters()).device
     head_gates = [torch.ones(n, device=device, requires_grad=True) for n in head_counts(model)]
     ffn_gates = [torch.ones(n, device=device, requires_grad=True) for n in ffn_sizes(model)]
     handles = []
-    for layer, hg, fg in zip(layers, head_gates, ffn_gates, strict=True):
-        # A head's context vector is linear in its attention probabilities, so gating the context equals
-        # gating the probabilities (the head mask of the paper) and works with SDPA attention as well.
-        handles.append(layer.attention.self.register_forward_hook(_gate_heads(hg, layer.attention.self)))
-        handles.append(layer.intermediate.register_forward_hook(lambda _m, _i, out, g=fg: out * g))
+    for layer, hg, fg in zip(encoder_layers(model), head_gates, ffn_gates, strict=True):
+        size = lay.attention(layer).attention_head_size
+        handles.append(_linear(lay.attention_out(layer)).register_forward_pre_hook(_gate_heads(hg, size)))
+        handles.append(_linear(lay.ffn_out(layer)).register_forward_pre_hook(lambda _m, args, g=fg: (args[0] * g,)))
     try:
         yield head_gates, ffn_gates
     finally:
@@ -93,13 +144,11 @@ def _gates(model: nn.Module):
             handle.remove()
 
 
-def _gate_heads(gate: torch.Tensor, attention: nn.Module):
-    def hook(_module, _inputs, output):
-        context = output[0] if isinstance(output, tuple) else output
-        size = attention.attention_head_size
+def _gate_heads(gate: torch.Tensor, size: int):
+    def hook(_module, args):
+        context = args[0]
         shape = context.shape
-        gated = (context.view(*shape[:-1], -1, size) * gate[:, None]).view(shape)
-        return (gated, *output[1:]) if isinstance(output, tuple) else gated
+        return ((context.view(*shape[:-1], -1, size) * gate[:, None]).view(shape),)
 
     return hook
 
@@ -161,30 +210,30 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear
 
 def keep_heads(model: nn.Module, keep: list[list[int]]) -> None:
     """Keep heads `keep[layer]` (indices among the layer's *current* heads); updates `config.pruned_heads`."""
-    layers = encoder_layers(model)
+    lay = layout(model)
     originals = kept_heads(model.config)
     pruned: dict[int, list[int]] = {}
-    for number, (layer, heads) in enumerate(zip(layers, keep, strict=True)):
-        attention = layer.attention.self
+    for number, (layer, heads) in enumerate(zip(encoder_layers(model), keep, strict=True)):
+        attention = lay.attention(layer)
+        count = getattr(attention, lay.heads_attr)
         if not heads:
             raise PruningError(f"layer {number} would lose every attention head; keep at least one")
-        if len(set(heads)) != len(heads) or not all(0 <= h < attention.num_attention_heads for h in heads):
-            raise PruningError(
-                f"layer {number}: head indices {heads} out of range 0..{attention.num_attention_heads - 1}"
-            )
+        if len(set(heads)) != len(heads) or not all(0 <= h < count for h in heads):
+            raise PruningError(f"layer {number}: head indices {heads} out of range 0..{count - 1}")
         size = attention.attention_head_size
         index = torch.tensor([h * size + i for h in sorted(heads) for i in range(size)], dtype=torch.long)
-        for name in ("query", "key", "value"):
+        for name in lay.qkv:
             setattr(attention, name, _slice_linear(getattr(attention, name), index, dim=0))
-        layer.attention.output.dense = _slice_linear(layer.attention.output.dense, index, dim=1)
-        attention.num_attention_heads = len(heads)
-        attention.all_head_size = len(heads) * size
+        owner, name = lay.attention_out(layer)
+        setattr(owner, name, _slice_linear(getattr(owner, name), index, dim=1))
+        setattr(attention, lay.heads_attr, len(heads))
+        setattr(attention, lay.width_attr, len(heads) * size)
         remaining = [originals[number][h] for h in sorted(heads)]
         # transformers' own bookkeeping, so a later `prune_heads` (or a reload) agrees with the weights.
-        layer.attention.pruned_heads = set(range(model.config.num_attention_heads)) - set(remaining)
-        removed = sorted(layer.attention.pruned_heads)
+        removed = set(range(model.config.num_attention_heads)) - set(remaining)
+        layer.attention.pruned_heads = removed
         if removed:
-            pruned[number] = removed
+            pruned[number] = sorted(removed)
     model.config.pruned_heads = pruned
 
 
@@ -193,11 +242,13 @@ def keep_neurons(model: nn.Module, keep: list[list[int]]) -> None:
     sizes = {len(k) for k in keep}
     if len(sizes) != 1 or 0 in sizes:
         raise PruningError(f"every layer must keep the same, non-zero number of FFN neurons; got {sorted(sizes)}")
+    lay = layout(model)
     for layer, neurons in zip(encoder_layers(model), keep, strict=True):
         index = torch.tensor(sorted(neurons), dtype=torch.long)
-        layer.intermediate.dense = _slice_linear(layer.intermediate.dense, index, dim=0)
-        layer.output.dense = _slice_linear(layer.output.dense, index, dim=1)
-    model.config.intermediate_size = sizes.pop()
+        for part, dim in ((lay.ffn_in(layer), 0), (lay.ffn_out(layer), 1)):
+            owner, name = part
+            setattr(owner, name, _slice_linear(getattr(owner, name), index, dim=dim))
+    setattr(model.config, lay.ffn_config, sizes.pop())
 
 
 def keep_layers(model: nn.Module, keep: list[int]) -> None:
@@ -206,10 +257,14 @@ def keep_layers(model: nn.Module, keep: list[int]) -> None:
     if not keep or any(not 0 <= i < len(layers) for i in keep):
         raise PruningError(f"layer indices {keep} out of range 0..{len(layers) - 1}")
     pruned = {int(k): v for k, v in (model.config.pruned_heads or {}).items()}
-    model.base_model.encoder.layer = nn.ModuleList([layers[i] for i in keep])
-    for new_index, layer in enumerate(model.base_model.encoder.layer):
+    kept = nn.ModuleList([layers[i] for i in keep])
+    owner = model.base_model.encoder if hasattr(model.base_model, "encoder") else model.base_model.transformer
+    owner.layer = kept
+    for new_index, layer in enumerate(kept):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    model.config.num_hidden_layers = len(keep)
+    setattr(model.config, layout(model).layers_config, len(keep))
+    if hasattr(owner, "n_layers"):  # DistilBERT's Transformer keeps its own count
+        owner.n_layers = len(keep)
     model.config.pruned_heads = {new: pruned[old] for new, old in enumerate(keep) if pruned.get(old)}

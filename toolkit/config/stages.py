@@ -75,9 +75,9 @@ class TrainConfig(StageBase, LoopOptions):
 
 # ---------------------------------------------------------------------------------------------- prune
 
-# Encoder families whose layers `toolkit.pruning` can cut (BERT's layer layout: attention.self.query,
-# intermediate.dense, ...); each runs prune -> distill -> export -> optimize -> quantize in the tests.
-LAYOUT_FAMILIES = ("bert", "electra", "roberta", "xlm-roberta")
+# Encoder families whose layers `toolkit.pruning` can cut (its `LAYOUTS`: BERT's layer layout and DistilBERT's);
+# each runs prune -> distill -> export -> optimize -> quantize in the tests.
+LAYOUT_FAMILIES = ("bert", "distilbert", "electra", "roberta", "xlm-roberta")
 
 
 def check_family(shape: dict[str, Any] | None, stage: str) -> None:

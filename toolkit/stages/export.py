@@ -23,6 +23,7 @@ def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
     from optimum.exporters.onnx import onnx_export_from_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from toolkit import pruning
     from toolkit.runtime import onnx_file
     from toolkit.stages.onnx_common import op_counts
 
@@ -39,14 +40,16 @@ def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
         preprocessors=[tokenizer],
     )
     path = onnx_file(ctx.out_dir)
-    layers = getattr(getattr(model, model.base_model_prefix, model), "encoder", None)
-    heads = [layer.attention.self.num_attention_heads for layer in layers.layer] if hasattr(layers, "layer") else None
+    try:
+        heads, ffn = pruning.head_counts(model), pruning.ffn_sizes(model)[0]
+    except pruning.PruningError:  # a family pruning has no layout for: its shape is not recorded
+        heads, ffn = None, getattr(model.config, "intermediate_size", None)
     info = {
         "source": source.stage,
         "opset": cfg.opset,
         "file": path.name,
         "heads_per_layer": heads,
-        "intermediate_size": getattr(model.config, "intermediate_size", None),
+        "intermediate_size": ffn,
         "op_counts": op_counts(path),
     }
     return StageResult(Artifact(ctx.out_dir, "onnx", cfg.name), info, source=source)

@@ -39,7 +39,7 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
     kept = {
         "heads_per_layer": pruning.head_counts(model),
         "kept_heads": pruning.kept_heads(model.config),
-        "ffn_size": model.config.intermediate_size,
+        "ffn_size": pruning.ffn_sizes(model)[0],
     }
     info: dict[str, Any] = {"before": before, **kept, "rounds": rounds, "importance_batches": cfg.importance_batches}
     info["parameters"] = {"before": rounds[0]["parameters_before"], "after": sum(p.numel() for p in model.parameters())}
