@@ -117,3 +117,65 @@ def test_family_the_pruner_cannot_cut_fails_at_validation(family_recipe, tmp_pat
     student = {**CHAIN[2], "student": {"model": str(tiny_model)}}
     path.write_text(json.dumps({**recipe, "stages": [CHAIN[0], student]}))
     assert load_recipe(path).stages[1].student.model == str(tiny_model)
+
+
+def xlmr_style_bert(folder: Path, corpus: list[str]) -> Path:
+    """The shape of multilingual-e5: a BERT encoder behind an XLM-R-style sentencepiece (Unigram) tokenizer, which
+    returns no token_type_ids although the BERT graph takes them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, XLMRobertaTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=300, special_tokens=specials, unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))]
+    )
+    tokenizer = XLMRobertaTokenizerFast(tokenizer_object=tok, model_max_length=64)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_bert_graph_behind_a_sentencepiece_tokenizer_runs_evaluation_and_serving(family_recipe, tmp_path):
+    """The run that crashed with KeyError 'token_type_ids' after `export`: now every stage, gate and the served
+    runtime work, and the service's answers are evaluation's."""
+    import numpy as np
+    from conftest import toy_examples
+    from transformers import AutoTokenizer
+
+    from toolkit.manifest import Artifact
+    from toolkit.serving.bundle import write_bundle
+    from toolkit.serving.model import ServedModel
+
+    folder = xlmr_style_bert(tmp_path / "e5-like", [t for t, _ in toy_examples(400)])
+    assert "token_type_ids" not in AutoTokenizer.from_pretrained(folder)(["a text"])
+    path = family_recipe("bert", stages=[CHAIN[0], *CHAIN[3:]])
+    recipe = json.loads(path.read_text())
+    recipe["model"]["name"] = str(folder)
+    path.write_text(json.dumps(recipe))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    run_dir = path.parent / "run"
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    for name in ("export", "optimize", "quantize"):
+        assert stages[name]["gate"]["passed"], (name, stages[name]["gate"])
+    assert stages["export"]["evaluation"]["parity"]["agreement"] == 1.0  # evaluated after export, no KeyError
+    artifact = Artifact(Path(stages["optimize"]["output"]["path"]), "onnx", "optimize")
+    write_bundle(
+        artifact, tmp_path / "bundle", {"format": "onnx", "labels": ["negative", "positive"], "max_length": 16}
+    )
+    served = ServedModel(tmp_path / "bundle", threads=1, device="cpu")
+    from toolkit.data import PreparedData
+
+    data = PreparedData(run_dir / "data", ["negative", "positive"], "")
+    texts = data.texts("test")
+    evaluated = np.load(run_dir / "evals" / "optimize.logits.npy")
+    served_logits = np.concatenate([served.logits(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+    np.testing.assert_array_equal(served_logits, evaluated)
