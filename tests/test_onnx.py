@@ -236,3 +236,29 @@ def test_int8_from_pytorch_runs_the_stages_outside_a_run(tiny_model, tmp_path):
     assert ops.get("QAttention") == 2 and "SkipLayerNormalization" not in ops, ops
     reference = load_model(tiny_model, "pytorch", 16, 1, "cpu").logits(TEXTS)
     np.testing.assert_allclose(load_model(folder, "onnx", 16, 1, "cpu").logits(TEXTS), reference, atol=0.1)
+
+
+@pytest.mark.slow
+def test_static_int8_calibrates_on_training_texts_and_answers_independently_of_the_call(toy_recipe, write_recipe):
+    import numpy as np
+
+    recipe = onnx_recipe(toy_recipe)
+    recipe["stages"][-1] = {"type": "quantize", "instruction_set": "avx2", "mode": "static", "calibration_samples": 64}
+    result, manifest = run_cli(write_recipe(recipe))
+    assert result.exit_code == 0, result.output
+    entry = manifest["stages"]["quantize"]
+    assert entry["status"] == "done" and entry["gate"]["passed"], entry.get("gate")
+    assert entry["info"]["mode"] == "static" and entry["info"]["calibration"]["texts"] == 64
+    assert entry["info"]["op_counts"].get("QLinearMatMul", 0) > 0  # static operators, not MatMulInteger
+    model = load_model(entry["output"]["path"], "onnx", 16, 1, "cpu")
+    alone = np.concatenate([model.logits([t]) for t in TEXTS])
+    np.testing.assert_allclose(model.logits(TEXTS), alone, atol=1e-5)  # fixed scales: the call does not matter
+
+
+def test_calibration_options_need_static_mode(toy_recipe, write_recipe):
+    from toolkit.recipe import RecipeError, load_recipe
+
+    recipe = onnx_recipe(toy_recipe)
+    recipe["stages"][-1] = {"type": "quantize", "calibration_method": "entropy"}
+    with pytest.raises(RecipeError, match=r"calibration_method only apply with mode: static"):
+        load_recipe(write_recipe(recipe))

@@ -328,12 +328,28 @@ class QuantizeConfig(StageBase):
     instruction_set: Literal["auto", "avx512_vnni", "avx512", "avx2", "arm64"] = Field(
         "auto", description="Kernel configuration; auto: detected from this machine's CPU flags."
     )
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="dynamic: activation scales computed per call (an answer can depend on what else is in the "
+        "call); static: scales calibrated once on training texts (answers independent of the call).",
+    )
+    calibration_samples: PositiveInt = Field(300, description="static: training texts the ranges are calibrated on.")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="static: ONNX Runtime's calibration method (percentile at 99.99)."
+    )
     per_channel: bool = Field(
         False, description="One scale per output channel: closer to FP32, slightly larger and slower on some kernels."
     )
     parity: ParityGate = Field(
         ParityGate(min_agreement=0.99), description="Parity the INT8 graph must keep with its source."
     )
+
+    @model_validator(mode="after")
+    def _calibration_is_static(self):
+        given = sorted({"calibration_samples", "calibration_method"} & self.model_fields_set)
+        if given and self.mode != "static":
+            raise ValueError(f"{', '.join(given)} only apply with mode: static")
+        return self
 
     input_format: ClassVar[str | None] = "onnx"
 

@@ -64,21 +64,66 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
         isa, detected_from = detect_instruction_set()
     else:
         isa, detected_from = cfg.instruction_set, "recipe"
-    qconfig = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=cfg.per_channel)
+    static = cfg.mode == "static"
+    qconfig = getattr(AutoQuantizationConfig, isa)(is_static=static, per_channel=cfg.per_channel)
     work = ctx.out_dir / "_shape_inferred"
+    info: dict = {}
     try:
         inferred = shape_inferred_copy(Path(source.path), work)
-        ORTQuantizer.from_pretrained(work, file_name=inferred.name).quantize(qconfig, ctx.out_dir, file_suffix=None)
+        quantizer = ORTQuantizer.from_pretrained(work, file_name=inferred.name)
+        ranges = calibrate(quantizer, qconfig, cfg, ctx, Path(source.path), work, info) if static else None
+        quantizer.quantize(qconfig, ctx.out_dir, file_suffix=None, calibration_tensors_range=ranges)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     counts = op_counts(onnx_file(ctx.out_dir))
-    info = {
-        "source": source.stage,
-        "instruction_set": isa,
-        "instruction_set_from": detected_from,
-        "per_channel": cfg.per_channel,
-        "mode": "dynamic",
-        "fused_ops": fused_counts(counts),
-        "op_counts": counts,
-    }
+    info.update(
+        {
+            "source": source.stage,
+            "instruction_set": isa,
+            "instruction_set_from": detected_from,
+            "per_channel": cfg.per_channel,
+            "mode": cfg.mode,
+            "fused_ops": fused_counts(counts),
+            "op_counts": counts,
+        }
+    )
     return StageResult(Artifact(ctx.out_dir, "onnx", cfg.name), info)
+
+
+def calibrate(quantizer, qconfig, cfg: QuantizeConfig, ctx: StageContext, source: Path, work: Path, info: dict):
+    """Activation ranges from `calibration_samples` training texts, in the ONNX operator format (QLinearMatMul,
+    QGemm: kernels ONNX Runtime's CPU provider runs as they are). The texts are padded to their longest, so every
+    calibration method (the histogram ones need one shape) sees the same inputs."""
+    import time
+
+    from datasets import Dataset
+    from onnxruntime.quantization import QuantFormat
+    from optimum.onnxruntime.configuration import AutoCalibrationConfig
+
+    from toolkit.runtime import Tokenizer
+
+    if ctx.data is None:
+        raise ValueError("static quantization calibrates on the run's training texts; this context has no data")
+    texts = ctx.data.texts("train")[: cfg.calibration_samples]
+    encoded = Tokenizer(source, ctx.max_length)(texts)
+    dataset = Dataset.from_dict({name: array.tolist() for name, array in encoded.items()})
+    method = {
+        "minmax": lambda: AutoCalibrationConfig.minmax(dataset),
+        "entropy": lambda: AutoCalibrationConfig.entropy(dataset),
+        "percentile": lambda: AutoCalibrationConfig.percentiles(dataset, percentile=99.99),
+    }[cfg.calibration_method]()
+    qconfig.format = QuantFormat.QOperator
+    start = time.perf_counter()
+    ranges = quantizer.fit(
+        dataset=dataset,
+        calibration_config=method,
+        operators_to_quantize=qconfig.operators_to_quantize,
+        onnx_augmented_model_name=work / "augmented.onnx",
+    )
+    info["calibration"] = {
+        "method": cfg.calibration_method,
+        "texts": len(texts),
+        "padded_length": int(encoded["input_ids"].shape[1]),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    return ranges
