@@ -254,3 +254,34 @@ def test_schemathesis_finds_nothing_on_the_classify_routes(packaged_onnx, tmp_pa
         )
     assert done.returncode == 0, done.stdout[-4000:]
     assert "No issues found" in done.stdout
+
+
+@pytest.mark.slow
+def test_tei_compatible_predict_route(packaged_onnx, tmp_path):
+    """`/predict` answers as Text Embeddings Inference does: every class, the most likely first; a batch is
+    [[text], ...]; `raw_scores` gives logits. The same numbers as `/classify`."""
+    expected_ids, expected_probs = reference(packaged_onnx, TEXTS)
+    with serving(LIMITS, log=tmp_path / "serve.log") as url:
+        for text, cat, prob in zip(TEXTS, expected_ids, expected_probs, strict=True):
+            for inputs in (text, [text]):
+                answer = post(url, "predict", {"inputs": inputs})
+                assert answer.status_code == 200, answer.text
+                classes = answer.json()
+                assert [c["label"] for c in classes][0] == LABELS[cat] and len(classes) == len(LABELS)
+                assert classes[0]["score"] == pytest.approx(prob, abs=1e-5)
+                assert sum(c["score"] for c in classes) == pytest.approx(1.0)
+        batch = post(url, "predict", {"inputs": [[t] for t in TEXTS], "raw_scores": True})
+        assert batch.status_code == 200, batch.text
+        rows = batch.json()
+        assert len(rows) == len(TEXTS) and [r[0]["label"] for r in rows] == [LABELS[i] for i in expected_ids]
+        assert all(r[0]["score"] >= r[1]["score"] for r in rows)
+        assert any(c["score"] < 0 for r in rows for c in r) or any(c["score"] > 1 for r in rows for c in r)  # logits
+        for body, message in (
+            ({"inputs": ["a text", "its pair"]}, "sentence pairs are not supported"),
+            ({"inputs": [["a", "b"]]}, "sentence pairs are not supported"),
+            ({"inputs": []}, "inputs"),
+            ({"inputs": " "}, "text is empty"),
+            ({"text": "x"}, "Field required"),
+        ):
+            answer = post(url, "predict", body)
+            assert answer.status_code == 400 and message in answer.text, (body, answer.text)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toolkit.serving.guard import RequestGuard
 
@@ -30,7 +30,7 @@ TIMEOUT_S = int(os.environ.get("TOOLKIT_TIMEOUT_S", "60"))
 MAX_BODY_BYTES = int(os.environ.get("TOOLKIT_MAX_BODY_BYTES", str(1 << 20)))
 MAX_PENDING = int(os.environ.get("TOOLKIT_MAX_PENDING", "256"))
 RETRY_AFTER_S = int(os.environ.get("TOOLKIT_RETRY_AFTER_S", "1"))
-ROUTES = ("/classify", "/classify_batch")
+ROUTES = ("/classify", "/classify_batch", "/predict")
 # A line per request in BentoML's access log cost more than the model call of a batched text: off unless asked.
 ACCESS_LOG = os.environ.get("TOOLKIT_ACCESS_LOG", "0") == "1"
 # Likewise OpenTelemetry's span per request (sampled or not); TOOLKIT_TRACE_REQUESTS=1 traces the routes again.
@@ -120,6 +120,44 @@ class Batch(BaseModel):
     labels: list[str]
 
 
+class Prediction(BaseModel):
+    """One class of one text, as Text Embeddings Inference's `/predict` answers."""
+
+    score: float
+    label: str
+
+
+class PredictInput(BaseModel):
+    """Text Embeddings Inference's `/predict` body: `inputs` is a text, `[text]`, or a batch `[[text], [text], ...]`
+    (a pair `[a, b]` is TEI's sentence pair, which a single-text classifier does not take)."""
+
+    inputs: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=2)]
+        | Annotated[
+            list[Annotated[list[Text], Field(min_length=1, max_length=2)]], Field(min_length=1, max_length=MAX_BATCH)
+        ]
+    )
+    raw_scores: bool = Field(False, description="Logits instead of probabilities.")
+    truncate: bool = Field(False, description="Accepted for TEI clients; texts are always cut to the model's length.")
+
+    @model_validator(mode="after")
+    def _no_pairs(self):
+        inputs = self.inputs
+        pairs = [inputs] if isinstance(inputs, list) and inputs and isinstance(inputs[0], str) else inputs
+        if isinstance(pairs, list) and any(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise ValueError("sentence pairs are not supported: send a text, [text] or a batch [[text], [text], ...]")
+        return self
+
+    def texts(self) -> tuple[list[str], bool]:
+        """The texts, and whether the request was a batch."""
+        if isinstance(self.inputs, str):
+            return [self.inputs], False
+        if isinstance(self.inputs[0], str):
+            return [self.inputs[0]], False
+        return [item[0] for item in self.inputs], True
+
+
 @bentoml.service(
     workers=WORKERS,
     traffic={"timeout": TIMEOUT_S},
@@ -137,18 +175,19 @@ class Classifier:
         # Workers share the cores: each gets its part for ONNX Runtime's intra-op threads.
         self.runtime = ServedModel(self.bento_model.path, max(1, resolve_threads() // WORKERS), spin=ORT_SPIN)
         self.labels = self.runtime.labels
-        self.batcher = MicroBatcher(self._predict_batch, MAX_BATCH_SIZE, on_batch=METRICS.batch)
+        self.batcher = MicroBatcher(self._logits, MAX_BATCH_SIZE, on_batch=METRICS.batch)
         LOAD.batcher = self.batcher
         LOAD.service = self
 
-    def _predict_batch(self, texts: list[str]) -> list[tuple[int, float]]:
-        ids, probs = self.runtime.predict(texts)
-        return list(zip(ids, probs, strict=True))
+    def _logits(self, texts: list[str]) -> list:
+        return list(self.runtime.logits(texts))
 
     async def _predict(self, texts: list[str]) -> tuple[list[int], list[float], list[str]]:
-        pairs = await self.batcher.submit(texts)
-        ids = [i for i, _ in pairs]
-        return ids, [p for _, p in pairs], [self.labels[i] for i in ids]
+        from toolkit.runtime import softmax
+
+        probs = [softmax(row.astype("float64")) for row in await self.batcher.submit(texts)]
+        ids = [int(p.argmax()) for p in probs]
+        return ids, [float(p[i]) for p, i in zip(probs, ids, strict=True)], [self.labels[i] for i in ids]
 
     async def answer(self, text: str) -> Single:
         ids, probs, labels = await self._predict([text])
@@ -164,6 +203,22 @@ class Classifier:
         """Several texts -> class ids, probabilities and labels, in input order."""
         ids, probs, labels = await self._predict(text)
         return Batch(categories=ids, probabilities=probs, labels=labels)
+
+    @bentoml.api(input_spec=PredictInput)
+    async def predict(
+        self, inputs: Any, raw_scores: bool = False, truncate: bool = False
+    ) -> list[Prediction] | list[list[Prediction]]:
+        """Text Embeddings Inference's `/predict`: every class of each text, the most likely first."""
+        from toolkit.runtime import softmax
+
+        texts, batch = PredictInput(inputs=inputs, raw_scores=raw_scores, truncate=truncate).texts()
+        rows = await self.batcher.submit(texts)
+        answers = []
+        for row in rows:
+            scores = row.astype("float64") if raw_scores else softmax(row.astype("float64"))
+            order = sorted(range(len(scores)), key=lambda i: -scores[i])
+            answers.append([Prediction(score=float(scores[i]), label=self.labels[i]) for i in order])
+        return answers if batch else answers[0]
 
 
 class SingleInput(BaseModel):
