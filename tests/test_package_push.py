@@ -67,7 +67,7 @@ class FakeCommit:
 
 
 def test_push_uploads_files_and_card_without_leaking_the_token(toy_recipe, write_recipe, tmp_path, monkeypatch):
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, ModelCard, constants
 
     run_recipe(load_recipe(write_recipe(toy_recipe)))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -93,7 +93,15 @@ def test_push_uploads_files_and_card_without_leaking_the_token(toy_recipe, write
     assert set(calls["files"]) == listed
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= listed
     card = calls["files"]["README.md"].path_or_fileobj.decode()
-    assert card.startswith("---\npipeline_tag: text-classification")
+    assert card.startswith("---\n")
+    meta = ModelCard(card).data  # the Hub's own parser and model-index reader
+    assert meta.library_name == "transformers" and meta.pipeline_tag == "text-classification"
+    assert {"text-classification", "toolkit"} <= set(meta.tags) and meta.base_model is None  # a local model
+    results = {r.metric_type: r for r in meta.eval_results}
+    assert set(results) == {"accuracy", "f1"} and results["f1"].metric_config == "macro"
+    entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["train"]["evaluation"]
+    assert results["accuracy"].metric_value == round(entry["accuracy"], 4)
+    assert results["accuracy"].dataset_split == "test" and results["accuracy"].task_type == "text-classification"
     assert "`negative`, `positive`" in card and "| train | train |" in card
     assert "AutoModelForSequenceClassification" in card and "/classify" in card and "name: toy" in card
     for text in (dry.output, result.output, card):
@@ -135,3 +143,25 @@ def test_push_failures_are_one_clear_line(toy_recipe, write_recipe, tmp_path, mo
     assert missing.exit_code == 1 and "no selected model" in missing.output
     bad = runner.invoke(app, args[:2] + ["--repo-id", "not a repo"])
     assert bad.exit_code == 1 and "user/name" in bad.output
+
+
+def test_card_metadata_names_hub_base_model_dataset_license_and_language(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from toolkit.hub import model_card
+    from toolkit.manifest import Artifact, Manifest
+
+    evaluation = {"split": "test", "accuracy": 0.91234, "macro_f1": 0.9}
+    manifest = Manifest(tmp_path, {
+        "recipe": {"name": "r", "model": {"name": "google-bert/bert-base-uncased"},
+                   "data": {"format": "hub", "path": "stanfordnlp/sst2"},
+                   "card": {"license": "apache-2.0", "language": ["en"]}},
+        "data": {"label_names": ["neg", "pos"]},
+        "stages": {"quantize": {"type": "quantize", "evaluation": evaluation}},
+    })  # fmt: skip
+    card = ModelCard(model_card(manifest, Artifact(tmp_path, "onnx", "quantize"), "user/r"))
+    assert card.data.base_model == "google-bert/bert-base-uncased" and card.data.datasets == ["stanfordnlp/sst2"]
+    assert card.data.license == "apache-2.0" and card.data.language == ["en"]
+    assert {"onnx", "int8"} <= set(card.data.tags) and card.data.library_name == "transformers"
+    accuracy = next(r for r in card.data.eval_results if r.metric_type == "accuracy")
+    assert accuracy.dataset_type == "stanfordnlp/sst2" and accuracy.metric_value == 0.9123

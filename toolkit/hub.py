@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from toolkit.config import REPO_ID
 from toolkit.errors import ToolkitError
 from toolkit.manifest import MANIFEST, Artifact, Manifest
 from toolkit.serving.bundle import model_files
@@ -90,17 +92,59 @@ def stage_table(manifest: Manifest) -> str:
     return "\n".join(markdown_table(manifest))
 
 
+def card_data(manifest: Manifest, artifact: Artifact, repo_id: str):
+    """The card's metadata as the Hub reads it (`huggingface_hub.ModelCardData`): library, pipeline, tags, the
+    base model and dataset when they are Hub ids, license and language from the recipe, and a model-index with
+    the selected model's accuracy and macro-F1 on the evaluation split."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    recipe = manifest.data.get("recipe", {})
+    data = recipe.get("data", {})
+    model_name = recipe.get("model", {}).get("name", "")
+    hub_model = bool(re.match(REPO_ID, model_name)) and not Path(model_name).is_absolute()
+    hub_data = data.get("format") == "hub"
+    evaluation = (manifest.stage(artifact.stage) or {}).get("evaluation") or {}
+    dataset_id = data.get("path") if hub_data else f"{recipe.get('name', 'toolkit')}-data"
+    results = [
+        EvalResult(
+            task_type="text-classification",
+            dataset_type=dataset_id,
+            dataset_name=dataset_id,
+            dataset_split=evaluation.get("split", "test"),
+            metric_type=metric,
+            metric_name=name,
+            metric_value=round(float(evaluation[key]), 4),
+            **({"dataset_config": data.get("subset")} if hub_data and data.get("subset") else {}),
+            **({"metric_config": "macro"} if key == "macro_f1" else {}),
+        )
+        for key, metric, name in (("accuracy", "accuracy", "Accuracy"), ("macro_f1", "f1", "Macro F1"))
+        if evaluation.get(key) is not None
+    ]
+    card = recipe.get("card") or {}
+    quantized = (manifest.stage(artifact.stage) or {}).get("type") == "quantize"
+    return ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        library_name="transformers",
+        pipeline_tag="text-classification",
+        tags=[
+            "text-classification",
+            "toolkit",
+            *(["onnx"] if artifact.format == "onnx" else []),
+            *(["int8"] if quantized else []),
+        ],  # fmt: skip
+        base_model=model_name if hub_model else None,
+        datasets=[data["path"]] if hub_data else None,
+        license=card.get("license"),
+        language=card.get("language"),
+        eval_results=results or None,
+    )
+
+
 def model_card(manifest: Manifest, artifact: Artifact, repo_id: str) -> str:
     data = manifest.data.get("data", {})
     labels = data.get("label_names", [])
     recipe = manifest.data.get("recipe", {})
     onnx = artifact.format == "onnx"
-    metadata = {
-        "pipeline_tag": "text-classification",
-        "library_name": "optimum" if onnx else "transformers",
-        "tags": ["text-classification", "toolkit", *(["onnx"] if onnx else [])],
-        "model-index": [{"name": repo_id.split("/")[-1], "results": []}],
-    }
     selection = manifest.data.get("selection", {})
     loader = (
         "from optimum.onnxruntime import ORTModelForSequenceClassification\n"
@@ -110,7 +154,7 @@ def model_card(manifest: Manifest, artifact: Artifact, repo_id: str) -> str:
         f'model = AutoModelForSequenceClassification.from_pretrained("{repo_id}")'
     )
     return f"""---
-{yaml.safe_dump(metadata, sort_keys=False).strip()}
+{card_data(manifest, artifact, repo_id).to_yaml()}
 ---
 
 # {repo_id.split("/")[-1]}

@@ -184,6 +184,13 @@ class SelectConfig(Strict):
     )
 
 
+class CardConfig(Strict):
+    """What the pushed model card says that the run cannot know."""
+
+    license: str | None = Field(None, description="The model's license, a Hub license id such as apache-2.0 or mit.")
+    language: str | list[str] | None = Field(None, description="Language code(s) of the texts, such as en or zh.")
+
+
 class OutputConfig(Strict):
     """Where the run's files go."""
 
@@ -203,6 +210,7 @@ class Recipe(Strict):
     evaluate: EvaluateConfig = Field(EvaluateConfig(), description="How every model is measured.")
     select: SelectConfig = Field(SelectConfig(), description="How the handed-on model is chosen.")
     output: OutputConfig = Field(OutputConfig(), description="Where the run's files go.")
+    card: CardConfig = Field(CardConfig(), description="Model card metadata for `push`.")
 
     @model_validator(mode="after")
     def _finish(self, info: ValidationInfo) -> Recipe:
