@@ -143,3 +143,22 @@ def test_validate_explain_shows_each_option_with_its_value_and_meaning(toy_recip
     assert result.exit_code == 0, result.output
     assert "    epochs: 8  # Passes over the training split." in result.output
     assert "    seed: 42 (default)  # Seed for weights, shuffling and dropout." in result.output
+
+
+@pytest.mark.slow
+def test_shipped_accelerate_config_starts_two_cpu_processes(toy_recipe, write_recipe, tmp_path):
+    """configs/accelerate/cpu-2-processes.yaml, as a user runs it: two processes that train one model."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    config = ROOT / "configs" / "accelerate" / "cpu-2-processes.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "-m", "toolkit", "run", str(write_recipe(toy_recipe))]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    train = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["train"]
+    assert train["info"]["num_processes"] == 2
+    for name in ("gpu-1.yaml", "multi-gpu.yaml"):  # the GPU configs at least parse as accelerate reads them
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        assert load_config_from_file(str(config.parent / name)).num_machines == 1

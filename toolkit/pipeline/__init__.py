@@ -60,7 +60,13 @@ def run_recipe(
     with run_log(recipe.run_dir, enabled=state.is_main_process) as log_path:
         log.debug(f"toolkit run {recipe.name} (log: {log_path})")
         try:
-            return Runner(recipe, plan, Sync(state)).run()
+            manifest = Runner(recipe, plan, Sync(state)).run()
+            if state.num_processes > 1:
+                # Left to the interpreter's exit, gloo's threads sometimes abort a helper process
+                # ("terminate called without an active exception") after a successful run.
+                state.wait_for_everyone()
+                state.destroy_process_group()
+            return manifest
         except ToolkitError as exc:
             # The terminal gets the message (the CLI's one line); the log also gets what caused it.
             _file_only(log_path).error(f"stopped: {exc}", exc_info=exc.__cause__ or exc)
