@@ -165,3 +165,45 @@ def test_card_metadata_names_hub_base_model_dataset_license_and_language(tmp_pat
     assert {"onnx", "int8"} <= set(card.data.tags) and card.data.library_name == "transformers"
     accuracy = next(r for r in card.data.eval_results if r.metric_type == "accuracy")
     assert accuracy.dataset_type == "stanfordnlp/sst2" and accuracy.metric_value == 0.9123
+
+
+@pytest.mark.slow
+def test_onnx_selection_is_pushed_in_the_hub_layout_that_every_loader_reads(toy_recipe, write_recipe, tmp_path):
+    """PyTorch weights at the root, the ONNX chain under onnx/: transformers, pipeline and Optimum load the same
+    pushed folder (the upload is written to disk here instead of the Hub)."""
+    import shutil
+
+    import numpy as np
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    from toolkit.hub import plan_upload
+    from toolkit.manifest import Manifest
+
+    recipe = {**toy_recipe, "stages": [*toy_recipe["stages"], {"type": "export"}, {"type": "optimize"},
+                                       {"type": "quantize", "instruction_set": "avx2"}],
+              "select": {"max_accuracy_drop": 100}}  # fmt: skip
+    run_recipe(load_recipe(write_recipe(recipe)))
+    manifest = Manifest.load(tmp_path / "run")
+    upload = plan_upload(manifest, "user/toy")
+    assert upload.artifact.format == "onnx"
+    repo = tmp_path / "repo"
+    for name, path in upload.files:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, repo / name)
+    names = {n for n, _ in upload.files}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "onnx/model.onnx", "onnx/config.json"} <= names
+    chosen = {"export": "model.onnx", "optimize": "model_optimized.onnx", "quantize": "model_quantized.onnx"}[
+        manifest.selection["stage"]
+    ]
+    assert f"onnx/{chosen}" in names and f'file_name="{chosen}"' in upload.card
+    texts = ["the movie was good", "awful plot and it was dull", "a lovely story"]
+    tokenizer = AutoTokenizer.from_pretrained(repo)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    torch_ids = AutoModelForSequenceClassification.from_pretrained(repo)(**batch).logits.argmax(-1).tolist()
+    ort = ORTModelForSequenceClassification.from_pretrained(repo, subfolder="onnx", file_name=chosen)
+    ort_ids = np.asarray(ort(**tokenizer(texts, padding=True, return_tensors="np")).logits).argmax(-1).tolist()
+    labels = [r["label"] for r in pipeline("text-classification", model=str(repo))(texts)]
+    assert labels == [ort.config.id2label[i] for i in torch_ids]
+    agreement = np.mean(np.array(torch_ids) == np.array(ort_ids))
+    assert agreement >= 2 / 3  # an INT8 graph may differ from its PyTorch ancestor on a near-boundary text

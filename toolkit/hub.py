@@ -47,8 +47,47 @@ def plan_upload(manifest: Manifest, repo_id: str) -> Upload:
     folder = Path(artifact.path)
     if not folder.is_dir():
         raise HubError(f"the selected model's folder {folder} is missing; re-run the recipe")
-    files = [(rel.as_posix(), folder / rel) for rel in model_files(folder) if rel.name != "README.md"]
+    if artifact.format == "onnx":
+        files = onnx_layout(manifest, artifact)
+    else:
+        files = [(rel.as_posix(), folder / rel) for rel in model_files(folder) if rel.name != "README.md"]
     return Upload(repo_id, artifact, files, model_card(manifest, artifact, repo_id))
+
+
+# The file names Optimum and transformers.js use for each ONNX step, under `onnx/`.
+ONNX_NAMES = {"export": "model.onnx", "optimize": "model_optimized.onnx", "quantize": "model_quantized.onnx"}
+
+
+def onnx_file_name(manifest: Manifest, stage: str) -> str:
+    return ONNX_NAMES.get((manifest.stage(stage) or {}).get("type"), f"model_{stage}.onnx")
+
+
+def onnx_layout(manifest: Manifest, artifact: Artifact) -> list[tuple[str, Path]]:
+    """The Hub's common layout for an ONNX selection: its PyTorch ancestor at the root (weights, config with the
+    labels, tokenizer), so `AutoModelForSequenceClassification`, `pipeline` and the widget load the repo, and
+    the ONNX graphs of the chain that made the selection under `onnx/`, with the config and tokenizer beside
+    them for `ORTModelForSequenceClassification.from_pretrained(repo, subfolder="onnx", file_name=...)`."""
+    from toolkit.runtime import onnx_file
+
+    chain, stage = [], artifact.stage
+    while True:  # follow each stage's recorded input back to the PyTorch model the export read
+        entry = manifest.stage(stage) or {}
+        output = entry.get("output") or {}
+        if output.get("format") != "onnx":
+            break
+        chain.append((stage, Path(output["path"])))
+        stage = (entry.get("input") or {}).get("stage")
+    pytorch = Path((manifest.stage(stage) or {}).get("output", {}).get("path", ""))
+    if not chain or not pytorch.is_dir():
+        raise HubError(f"the PyTorch model behind {artifact.stage!r} is missing ({pytorch}); re-run the recipe")
+    files = [(rel.as_posix(), pytorch / rel) for rel in model_files(pytorch) if rel.name != "README.md"]
+    selected = Path(artifact.path)
+    for rel in model_files(selected):
+        if not rel.name.endswith((".onnx", ".onnx_data", "README.md")):
+            files.append((f"onnx/{rel.as_posix()}", selected / rel))
+    for name, folder in reversed(chain):
+        files.append((f"onnx/{onnx_file_name(manifest, name)}", onnx_file(folder)))
+    return files
 
 
 def _scrub(message: str) -> str:
@@ -148,7 +187,8 @@ def model_card(manifest: Manifest, artifact: Artifact, repo_id: str) -> str:
     selection = manifest.data.get("selection", {})
     loader = (
         "from optimum.onnxruntime import ORTModelForSequenceClassification\n"
-        f'model = ORTModelForSequenceClassification.from_pretrained("{repo_id}")'
+        f'model = ORTModelForSequenceClassification.from_pretrained("{repo_id}", subfolder="onnx", '
+        f'file_name="{onnx_file_name(manifest, artifact.stage)}")'
         if onnx
         else "from transformers import AutoModelForSequenceClassification\n"
         f'model = AutoModelForSequenceClassification.from_pretrained("{repo_id}")'
