@@ -18,6 +18,10 @@ from toolkit.pipeline.errors import StageError
 from toolkit.pipeline.planning import Plan, PlanError, make_plan
 
 log = logging.getLogger("toolkit")
+# What belongs in the run log but not on the terminal (an unexpected error's traceback).
+trace = logging.getLogger("toolkit.trace")
+trace.propagate = False
+trace.addHandler(logging.NullHandler())
 LOG_FILE = "run.log"
 
 
@@ -33,12 +37,14 @@ def run_log(run_dir: Path, enabled: bool = True) -> Iterator[Path]:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.DEBUG)
     log.addHandler(handler)
+    trace.addHandler(handler)
     if log.level == logging.NOTSET or log.level > logging.INFO:
         log.setLevel(logging.INFO)
     try:
         yield path
     finally:
         log.removeHandler(handler)
+        trace.removeHandler(handler)
         handler.close()
 
 
@@ -69,23 +75,11 @@ def run_recipe(
             return manifest
         except ToolkitError as exc:
             # The terminal gets the message (the CLI's one line); the log also gets what caused it.
-            _file_only(log_path).error(f"stopped: {exc}", exc_info=exc.__cause__ or exc)
+            trace.error(f"stopped: {exc}", exc_info=exc.__cause__ or exc)
             raise
         except Exception:
-            _file_only(log_path).exception("unexpected error")
+            trace.exception("unexpected error")
             raise
-
-
-def _file_only(path: Path) -> logging.Logger:
-    """A logger that writes to the run log alone (not to the terminal's handlers)."""
-    logger = logging.getLogger("toolkit.trace")
-    logger.propagate = False
-    if not logger.handlers:
-        logger.addHandler(logging.NullHandler())
-    for handler in logging.getLogger("toolkit").handlers:
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path.resolve():
-            logger.handlers = [handler]
-    return logger
 
 
 __all__ = ["LOG_FILE", "Plan", "PlanError", "StageError", "make_plan", "run_log", "run_recipe"]

@@ -25,8 +25,11 @@ class ServedModel:
 
     def predict(self, texts: list[str]) -> tuple[list[int], list[float]]:
         """Class ids and the probability of each predicted class."""
-        if not texts:
-            return [], []
-        probs = softmax(self.logits(texts).astype(np.float64))
-        ids = probs.argmax(axis=-1)
-        return ids.tolist(), probs[np.arange(len(ids)), ids].tolist()
+        return top_classes(self.logits(texts)) if texts else ([], [])
+
+
+def top_classes(logits: np.ndarray) -> tuple[list[int], list[float]]:
+    """Each row's most likely class id and its probability (softmax in float64)."""
+    probs = softmax(np.asarray(logits, dtype=np.float64))
+    ids = probs.argmax(axis=-1)
+    return ids.tolist(), probs[np.arange(len(ids)), ids].tolist()
