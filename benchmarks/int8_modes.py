@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    from benchmarks.load import cpu_model
+    from toolkit.runtime import cpu_model
 
     manifest, data = run_data(args.run)
     texts, labels = data.texts("test"), data.labels("test")

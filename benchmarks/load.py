@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from toolkit.runtime import cpu_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # (api, clients, texts per request)
@@ -48,11 +50,6 @@ done = function(summary, latency, requests)
     latency:percentile(99) / 1e3, e.connect + e.read + e.write + e.status + e.timeout))
 end
 """
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def served_artifact(run_dir: Path, work: Path):

@@ -46,6 +46,18 @@ def test_ci_recipe_end_to_end(tmp_path):
     selection = manifest["selection"]
     assert all(record.get("lost") for name, record in selection["candidates"].items() if name != selection["stage"])
     assert stages["package"]["info"]["stage"] == selection["stage"]
+    if stages["package"]["info"]["format"] == "onnx":  # the served session's settings, measured here
+        tuned = stages["package"]["info"]["runtime_tuning"]
+        assert (
+            tuned["cpu"]
+            and len(tuned["candidates"]) >= 4
+            and set(tuned["choice"])
+            == {
+                "threads",
+                "spin",
+                "fuse_skip_layer_norm",
+            }
+        )
     for name in ("report.md", "report.html", "accuracy_vs_latency.png"):
         assert (tmp_path / "run" / name).is_file()
     assert "selected" in result.output

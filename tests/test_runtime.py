@@ -218,3 +218,66 @@ def test_tokenizer_without_a_pad_token_is_a_clear_error(tiny_model, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(TokenizerError, match=r"its pad_token '<pad>' is not in its vocabulary"):
         Tokenizer(folder, MAX_LENGTH)
+
+
+@pytest.fixture
+def onnx_folder(tiny_model, tmp_path) -> Path:
+    return exported(classifier(tiny_model, tmp_path / "pt"), tmp_path)
+
+
+def test_logits_by_length_keep_the_input_order(onnx_folder, data):
+    model = load_model(onnx_folder, "onnx", MAX_LENGTH, 1, "cpu")
+    texts = list(data.texts("test")) + TEXTS
+    np.testing.assert_allclose(model.logits_by_length(texts, 4), model.logits_batched(texts, 64), atol=1e-5)
+    assert model.logits_by_length([], 4).shape[0] == 0
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_skip_layer_norm_fusion_is_the_sessions_choice(tiny_model, tmp_path, fuse):
+    """On the INT8 graph a recipe makes (O2 without SkipLayerNorm, then INT8), the session fuses the residual
+    Add + LayerNormalization only when told to."""
+    import onnx
+
+    from toolkit.runtime import onnx_file, ort_session
+    from toolkit.stages.chain import int8_from_pytorch
+
+    int8 = onnx_file(int8_from_pytorch(classifier(tiny_model, tmp_path / "pt"), tmp_path))
+    assert "SkipLayerNormalization" not in {node.op_type for node in onnx.load(str(int8)).graph.node}
+    ort_session(int8, 1, fuse_skip_layer_norm=fuse, save_optimized=tmp_path / "ran.onnx")
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "ran.onnx")).graph.node}
+    assert ("SkipLayerNormalization" in ops) is fuse
+
+
+def test_tuning_measures_every_combination_and_keeps_the_default_unless_beaten(onnx_folder, data):
+    from toolkit.runtime import available_cores, cpu_model
+    from toolkit.stages.tuning import candidates, tune_onnx
+
+    tuned = tune_onnx(Artifact(onnx_folder, "onnx", "export"), MAX_LENGTH, data.texts("validation"), rounds=2)
+    rows = tuned["candidates"]
+    assert [{k: r[k] for k in tuned["choice"]} for r in rows] == candidates(available_cores())
+    assert rows[0]["threads"] == available_cores() and rows[0]["spin"] and not rows[0]["fuse_skip_layer_norm"]
+    assert all(r["same_answers"] for r in rows) and tuned["cpu"] == cpu_model()
+    chosen = next(r for r in rows if {k: r[k] for k in tuned["choice"]} == tuned["choice"])
+    assert tuned["default_kept"] == (chosen is rows[0])
+    assert tuned["default_kept"] or chosen["speedup_min"] > 1.0
+
+
+def test_service_uses_measured_settings_only_on_the_cpu_they_were_measured_on():
+    from toolkit.runtime import available_cores, cpu_model
+    from toolkit.serving.model import session_settings
+
+    choice = {"threads": 1, "spin": False, "fuse_skip_layer_norm": True}
+    here = {"runtime": {"choice": choice, "cpu": cpu_model(), "cores": available_cores(), "date": "2026-11-23"}}
+    settings, source = session_settings(here, env={})
+    assert settings == choice and "measured on this CPU" in source
+
+    elsewhere = {"runtime": {**here["runtime"], "cpu": "Some Other CPU"}}
+    settings, source = session_settings(elsewhere, env={})
+    assert settings == {"threads": available_cores(), "spin": True, "fuse_skip_layer_norm": None}
+    assert "Some Other CPU" in source and "re-run `package`" in source
+
+    settings, source = session_settings(here, workers=1, env={"TOOLKIT_ORT_SPIN": "1", "TOOLKIT_THREADS": "4"})
+    assert settings == {"threads": 4, "spin": True, "fuse_skip_layer_norm": True}
+    assert "TOOLKIT_ORT_SPIN from the environment" in source
+    assert session_settings({}, workers=2, env={"TOOLKIT_THREADS": "4"})[0]["threads"] == 2
+    assert session_settings(here, env={"TOOLKIT_DEVICE": "cuda"})[0]["fuse_skip_layer_norm"] is None

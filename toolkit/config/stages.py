@@ -370,6 +370,12 @@ class PackageConfig(StageBase):
         max_length=63,
         description="Name in the BentoML model store; defaults to the recipe's name, lowercased.",
     )
+    tune_runtime: bool = Field(
+        True,
+        description="Time the served ONNX session's settings (intra-op threads, thread spinning, SkipLayerNorm "
+        "fusion) on this machine, a few seconds, and ship the fastest with the model; the service uses them on "
+        "the same CPU model and the defaults elsewhere.",
+    )
 
 
 class PushConfig(StageBase):

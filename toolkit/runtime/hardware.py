@@ -4,6 +4,7 @@ service all ask here."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 Backend = Literal["torch", "onnx"]
@@ -15,6 +16,19 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU's model name as `lscpu` shows it (figures are only comparable on the same one)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def resolve_threads(requested: int | None = None) -> int:

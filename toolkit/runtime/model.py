@@ -94,6 +94,23 @@ class InferenceModel:
         out = [self.logits(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
+    def logits_by_length(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """Scoring many texts (a file): tokenised once, sorted by token count, cut into calls of `batch_size`
+        texts of similar length, so a call pads little; rows come back in the input order. A call's composition
+        differs from `logits_batched`'s, so dynamically quantized graphs can differ in the last bits."""
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        batch = self.tokenizer(texts)
+        lengths = batch["attention_mask"].sum(axis=1)
+        order = np.argsort(lengths, kind="stable")
+        out = None
+        for start in range(0, len(texts), batch_size):
+            index = order[start : start + batch_size]
+            logits = self.run({k: v[index, : lengths[index].max()] for k, v in batch.items()})
+            out = np.empty((len(texts), logits.shape[1]), dtype=np.float32) if out is None else out
+            out[index] = logits
+        return out
+
     @property
     def num_parameters(self) -> int:
         raise NotImplementedError
@@ -111,11 +128,12 @@ class OnnxModel(InferenceModel):
         threads: int | None = None,
         device: str | None = None,
         spin: bool | None = None,
+        fuse_skip_layer_norm: bool | None = None,
     ):
         super().__init__(path, max_length, threads, device)
         self.file = onnx_file(path)
         cuda = resolve_device(device, "onnx") == "cuda"
-        self.session = ort_session(self.file, self.threads, cuda=cuda, spin=spin)
+        self.session = ort_session(self.file, self.threads, cuda, spin, fuse_skip_layer_norm)
         self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
@@ -185,7 +203,7 @@ def load_model(
     **options,
 ) -> InferenceModel:
     """The model of a folder. `threads`: 0/None for TOOLKIT_THREADS or every core; `device`: a recipe's device
-    (auto, cpu, cuda) or None for TOOLKIT_DEVICE; `options` for the format's class (ONNX: `spin`)."""
+    (auto, cpu, cuda) or None for TOOLKIT_DEVICE; `options` for the format's class (ONNX: `spin`, `fuse_skip_layer_norm`)."""
     if fmt not in MODELS:
         raise ValueError(f"unknown model format {fmt!r}; known: {', '.join(MODELS)}")
     return MODELS[fmt](path, max_length, threads, device, **options)

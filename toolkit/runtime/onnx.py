@@ -31,11 +31,20 @@ def onnx_file(folder: Path | str) -> Path:
     )
 
 
-def ort_session(file: Path, threads: int, cuda: bool = False, spin: bool | None = None):
+def ort_session(
+    file: Path,
+    threads: int,
+    cuda: bool = False,
+    spin: bool | None = None,
+    fuse_skip_layer_norm: bool | None = None,
+    save_optimized: Path | None = None,
+):
     """`threads` within an op, one between ops (a classifier's graph is a single chain), every graph
     optimization but the ones slower on this provider. CUDA only where ONNX Runtime has its provider.
     `spin`: whether idle intra-op threads spin for work (ONNX Runtime's default, None, is to spin); a server
-    whose event loop shares the cores can lose more to spinning than it gains."""
+    whose event loop shares the cores can lose more to spinning than it gains. `fuse_skip_layer_norm`: None for
+    the provider's default (fused on CUDA, not on the CPU); the package stage measures both on the machine.
+    `save_optimized`: write the graph the session runs after its own optimizations (to see what it fused)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -45,7 +54,10 @@ def ort_session(file: Path, threads: int, cuda: bool = False, spin: bool | None 
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if save_optimized is not None:
+        options.optimized_model_filepath = str(save_optimized)
     cuda = cuda and "CUDAExecutionProvider" in ort.get_available_providers()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-    disabled = [] if cuda else list(CPU_DISABLED_OPTIMIZERS)
+    fuse = cuda if fuse_skip_layer_norm is None else fuse_skip_layer_norm
+    disabled = [] if fuse else list(CPU_DISABLED_OPTIMIZERS)
     return ort.InferenceSession(str(file), options, providers=providers, disabled_optimizers=disabled)

@@ -3,12 +3,40 @@ inference runtime that evaluation measured (`toolkit.runtime`). Built once per w
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from toolkit.runtime import load_model, softmax
+from toolkit.runtime import available_cores, cpu_model, load_model, softmax
 from toolkit.serving.bundle import read_meta
+
+ENV_OVERRIDES = {
+    "threads": "TOOLKIT_THREADS",
+    "spin": "TOOLKIT_ORT_SPIN",
+    "fuse_skip_layer_norm": "TOOLKIT_ORT_FUSE_SLN",
+}
+
+
+def session_settings(meta: dict, workers: int = 1, env: dict | None = None) -> tuple[dict, str]:
+    """The served session's threads, spinning and SkipLayerNorm fusion: an environment variable wins, then what
+    the package stage measured when this is the CPU it measured on, else the defaults (all cores, spin, unfused).
+    Workers share the cores. Returns the settings and where they came from."""
+    env = os.environ if env is None else env
+    tuned = meta.get("runtime") or {}
+    # The measurement was of the CPU execution provider; a GPU session keeps the provider's defaults.
+    on_cpu = env.get("TOOLKIT_DEVICE", "cpu").lower() == "cpu"
+    same_cpu = on_cpu and tuned.get("cpu") == cpu_model() and tuned.get("cores") == available_cores()
+    settings = dict(tuned["choice"]) if same_cpu else {"threads": None, "spin": True, "fuse_skip_layer_norm": None}
+    source = f"measured on this CPU on {tuned['date']}" if same_cpu else "defaults"
+    if tuned and on_cpu and not same_cpu:
+        source += f" (measured on {tuned.get('cpu')} x{tuned.get('cores')}, not this CPU: re-run `package` here)"
+    for key, var in ENV_OVERRIDES.items():
+        if env.get(var):
+            settings[key] = int(env[var]) if key == "threads" else env[var] == "1"
+            source += f", {var} from the environment"
+    settings["threads"] = max(1, (settings["threads"] or available_cores()) // workers)
+    return settings, source
 
 
 class ServedModel:

@@ -13,6 +13,7 @@ body, default 1 MiB: 413 beyond), TOOLKIT_MAX_PENDING (texts accepted and not ye
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Annotated, Any
@@ -35,11 +36,6 @@ ROUTES = ("/classify", "/classify_batch", "/predict")
 ACCESS_LOG = os.environ.get("TOOLKIT_ACCESS_LOG", "0") == "1"
 # Likewise OpenTelemetry's span per request (sampled or not); TOOLKIT_TRACE_REQUESTS=1 traces the routes again.
 TRACE_REQUESTS = os.environ.get("TOOLKIT_TRACE_REQUESTS", "0") == "1"
-# ONNX Runtime's idle intra-op threads spin for work by default. Measured side by side (INT8 MiniLM student,
-# 2-core Intel Xeon, 2026-11-23) spinning served more, not less, although the event loop shares the cores:
-# 1 client p50 1.45 vs 1.8 ms, 32 clients 1,000 vs 930 req/s. TOOLKIT_ORT_SPIN=0 turns it off for machines where
-# the opposite holds.
-ORT_SPIN = os.environ.get("TOOLKIT_ORT_SPIN", "1") == "1"
 
 
 def latest_model_tag() -> str:
@@ -168,12 +164,15 @@ class Classifier:
     bento_model = bentoml.models.BentoModel(latest_model_tag())
 
     def __init__(self) -> None:
-        from toolkit.runtime import resolve_threads
         from toolkit.serving.batching import MicroBatcher
-        from toolkit.serving.model import ServedModel
+        from toolkit.serving.bundle import read_meta
+        from toolkit.serving.model import ServedModel, session_settings
 
-        # Workers share the cores: each gets its part for ONNX Runtime's intra-op threads.
-        self.runtime = ServedModel(self.bento_model.path, max(1, resolve_threads() // WORKERS), spin=ORT_SPIN)
+        # Threads, spinning and SkipLayerNorm fusion as the package stage measured them on this CPU (or set by
+        # TOOLKIT_THREADS, TOOLKIT_ORT_SPIN, TOOLKIT_ORT_FUSE_SLN); workers share the cores.
+        settings, source = session_settings(read_meta(self.bento_model.path), WORKERS)
+        logging.getLogger("toolkit.serving").info("session settings %s (%s)", settings, source)
+        self.runtime = ServedModel(self.bento_model.path, settings.pop("threads"), **settings)
         self.labels = self.runtime.labels
         self.batcher = MicroBatcher(self._logits, MAX_BATCH_SIZE, on_batch=METRICS.batch)
         LOAD.batcher = self.batcher

@@ -7,7 +7,9 @@ from __future__ import annotations
 import re
 
 from toolkit.config import PackageConfig
+from toolkit.runtime import resolve_device
 from toolkit.stages.base import Artifact, StageContext, StageResult
+from toolkit.stages.tuning import tune_onnx
 
 
 def bento_name(cfg: PackageConfig, recipe_name: str) -> str:
@@ -20,8 +22,13 @@ def run(cfg: PackageConfig, ctx: StageContext) -> StageResult:
     if selection is None:
         raise ValueError("package runs after selection; it was given no selected model")
     meta = package_metadata(ctx)
-    tag = save_to_store(bento_name(cfg, ctx.recipe_name), selection.artifact, meta)
-    return StageResult(None, {"tag": tag, "format": selection.artifact.format, "stage": selection.artifact.stage})
+    info = {"format": selection.artifact.format, "stage": selection.artifact.stage}
+    if cfg.tune_runtime and selection.artifact.format == "onnx" and resolve_device(ctx.device, "onnx") == "cpu":
+        tuned = tune_onnx(selection.artifact, ctx.max_length, ctx.data.texts("validation"))
+        meta["runtime"] = {k: tuned[k] for k in ("choice", "cpu", "cores", "date")}
+        info["runtime_tuning"] = tuned
+    info["tag"] = save_to_store(bento_name(cfg, ctx.recipe_name), selection.artifact, meta)
+    return StageResult(None, info)
 
 
 def still_stored(info: dict) -> bool:
