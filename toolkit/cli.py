@@ -146,6 +146,33 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder (holds man
     _show_report(_manifest(run_dir), _console())
 
 
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder whose manifest has a selected model.")],
+    file: Annotated[
+        Path, typer.Argument(help="A data file (tsv, csv, jsonl; .gz/.bz2/.xz too) with the recipe's text column.")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="Where the predictions go (TSV); default beside FILE: NAME.predictions.tsv."),
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="tsv, csv or jsonl; default from FILE's name, else the recipe's.")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Texts per model call (similar lengths are batched together).")
+    ] = 64,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="Intra-op threads; 0: every core.")] = 0,
+) -> None:
+    """Score a data file with the run's selected model; with the label column present, print the accuracy too."""
+    from toolkit.prediction import predict_file
+
+    with _errors():
+        done = predict_file(run_dir, file, output, fmt, batch_size, threads)
+    accuracy = "" if done.accuracy is None else f", accuracy {done.accuracy:.4f}"
+    typer.echo(f"{done.rows} predictions by {done.stage} in {done.output}{accuracy}")
+
+
 def _manifest(run_dir: Path):
     from toolkit.manifest import MANIFEST, Manifest
 

@@ -55,6 +55,7 @@ BOMS = (
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
 DECOMPRESSORS = {".bz2": ("bzip2", bz2.decompress), ".gz": ("gzip", gzip.decompress), ".xz": ("xz", lzma.decompress)}
+COMPRESSED = tuple(DECOMPRESSORS)
 
 
 def _decompressed(path: Path) -> bytes:
@@ -104,12 +105,25 @@ def _column_index(path: Path, header: list[str], column: str, key: str) -> int:
     return header.index(column)
 
 
-def read_tsv(path: Path, text_column: str, label_column: str, encoding: str = "utf-8") -> Iterator[Row]:
+def _label_index(path: Path, header: list[str], column: str, optional: bool) -> int | None:
+    """The label column's index; with `optional` (scoring a file), None when the file has no such column."""
+    if optional and column not in header:
+        return None
+    return _column_index(path, header, column, "label_column")
+
+
+def _pick(fields: list[str], index: int | None) -> str | None:
+    return None if index is None else fields[index]
+
+
+def read_tsv(
+    path: Path, text_column: str, label_column: str, encoding: str = "utf-8", label_optional: bool = False
+) -> Iterator[Row]:
     lines = _lines(_decode(path, encoding))
     _, first = next(lines, (1, ""))
     header = first.split("\t")
     t = _column_index(path, header, text_column, "text_column")
-    lab = _column_index(path, header, label_column, "label_column")
+    lab = _label_index(path, header, label_column, label_optional)
     for number, line in lines:
         if not line.strip():
             continue
@@ -119,14 +133,16 @@ def read_tsv(path: Path, text_column: str, label_column: str, encoding: str = "u
                 f"{path}:{number}: expected {len(header)} tab-separated fields ({', '.join(header)}), "
                 f"found {len(fields)}"
             )
-        yield Row(f"{path}:{number}", fields[t], fields[lab])
+        yield Row(f"{path}:{number}", fields[t], _pick(fields, lab))
 
 
-def read_csv(path: Path, text_column: str, label_column: str, encoding: str = "utf-8") -> Iterator[Row]:
+def read_csv(
+    path: Path, text_column: str, label_column: str, encoding: str = "utf-8", label_optional: bool = False
+) -> Iterator[Row]:
     reader = csv.reader(io.StringIO(_decode(path, encoding), newline=""))
     header = next(reader, [])
     t = _column_index(path, header, text_column, "text_column")
-    lab = _column_index(path, header, label_column, "label_column")
+    lab = _label_index(path, header, label_column, label_optional)
     start = reader.line_num + 1
     try:
         for fields in reader:
@@ -138,12 +154,14 @@ def read_csv(path: Path, text_column: str, label_column: str, encoding: str = "u
                     f"{path}:{number}: expected {len(header)} comma-separated fields ({', '.join(header)}), "
                     f"found {len(fields)}"
                 )
-            yield Row(f"{path}:{number}", fields[t], fields[lab])
+            yield Row(f"{path}:{number}", fields[t], _pick(fields, lab))
     except csv.Error as exc:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
 
 
-def read_jsonl(path: Path, text_column: str, label_column: str, encoding: str = "utf-8") -> Iterator[Row]:
+def read_jsonl(
+    path: Path, text_column: str, label_column: str, encoding: str = "utf-8", label_optional: bool = False
+) -> Iterator[Row]:
     for number, line in _lines(_decode(path, encoding)):
         if not line.strip():
             continue
@@ -154,9 +172,9 @@ def read_jsonl(path: Path, text_column: str, label_column: str, encoding: str = 
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
         for column, key in ((text_column, "text_column"), (label_column, "label_column")):
-            if column not in record:
+            if column not in record and not (label_optional and key == "label_column"):
                 raise DataError(f"{path}:{number}: no key {column!r} (keys: {', '.join(record)}); set data.{key}")
-        yield Row(f"{path}:{number}", record[text_column], record[label_column])
+        yield Row(f"{path}:{number}", record[text_column], record.get(label_column))
 
 
 READERS = {"tsv": read_tsv, "csv": read_csv, "jsonl": read_jsonl}
@@ -193,7 +211,7 @@ def read_dataset_split(cfg: DataConfig, split: str) -> tuple[list[Row], list[str
 # ---------------------------------------------------------------------------------------------- checking
 
 
-def _check_text(row: Row, column: str) -> str:
+def check_text(row: Row, column: str) -> str:
     if not isinstance(row.text, str):
         raise DataError(f"{row.where}: text in {column!r} must be a string, got {type(row.text).__name__}")
     if not row.text.strip():
@@ -306,7 +324,7 @@ def read_all(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, list[int]
     rows = {s: [r for r in rs if str(r.label).strip() not in drop] for s, rs in rows.items()}
     for split_rows in rows.values():
         for row in split_rows:
-            _check_text(row, cfg.text_column)
+            check_text(row, cfg.text_column)
     if cfg.dedupe:
         rows = _dedupe(rows)
     if not rows["train"]:
