@@ -111,7 +111,7 @@ def test_unexpected_error_is_one_line_and_the_traceback_goes_to_the_run_log(toy_
 
     from toolkit.cli import app
 
-    def broken(self):
+    def broken(self, data):
         raise KeyError("a bug in selection")
 
     with mock.patch("toolkit.pipeline.runner.Runner._select", broken):

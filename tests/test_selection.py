@@ -113,3 +113,41 @@ def test_select_section_validation(toy_recipe, write_recipe):
     assert result.exit_code == 1
     assert "select.objective" in result.output and "'latency', 'throughput' or 'size'" in result.output
     assert "select.max_accuracy_drop" in result.output
+
+
+def timed(p50: float, throughput: float, latency_spread: float = 0.02, throughput_spread: float = 0.02) -> dict:
+    load = {"busy": False, "others_cores": 0.0, "cores": 2, "loadavg_1m": 0.1}
+    return {"latency_p50_ms": p50, "latency_p95_ms": p50 * 1.1, "latency_spread": latency_spread,
+            "throughput_per_s": throughput, "throughput_spread": throughput_spread, "rounds": 5, "load": load}  # fmt: skip
+
+
+def test_finalists_are_the_candidates_within_the_quality_and_size_limits():
+    from toolkit.selection import finalists
+
+    m = manifest(optimize=entry("optimize", 0.799, 5.0, 90.0, 170.0, status="failed_gate"))
+    assert finalists(m, SelectConfig(max_accuracy_drop=0.5)) == ["train", "export"]
+    # A latency limit does not shrink the finalists: it is judged on the side-by-side figures.
+    assert finalists(m, SelectConfig(max_accuracy_drop=1.0, max_latency_ms=1.0)) == ["train", "export", "quantize"]
+
+
+def test_side_by_side_figures_decide_and_per_stage_ones_stay_in_the_record():
+    # Per stage, quantize looked fastest (2.5 ms; say export was timed on a quiet machine, quantize too);
+    # side by side export is faster: the side-by-side figures win.
+    timing = {"train": timed(10.0, 100.0), "export": timed(2.0, 200.0), "quantize": timed(2.4, 190.0)}
+    result = select(manifest(), SelectConfig(max_accuracy_drop=1.0), timing)
+    assert result["stage"] == "export" and "timed side by side" in result["reason"]
+    record = result["candidates"]["quantize"]
+    assert record["latency_p50_ms"] == 2.4 and record["stage_latency_p50_ms"] == 2.5 and record["side_by_side"]
+    assert result["close_call"] is None  # a 20% lead against 2% noise
+
+
+def test_a_lead_smaller_than_the_noise_is_said():
+    timing = {"export": timed(2.0, 200.0, latency_spread=0.15), "quantize": timed(2.1, 190.0)}
+    result = select(manifest(), SelectConfig(max_accuracy_drop=1.0), timing)
+    assert result["stage"] == "export"
+    assert "export leads quantize by 5.0%" in result["close_call"] and "15.0%" in result["close_call"]
+    m = manifest()
+    m.data["selection"] = result
+    from toolkit.report import selection_lines
+
+    assert any("close call" in line for line in selection_lines(m))

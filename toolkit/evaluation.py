@@ -36,7 +36,10 @@ def percentile_ms(seconds: list[float], q: float) -> float:
 
 
 def measure_speed(predict: Callable[[list[str]], Any], texts: list[str], cfg: SpeedConfig, threads: int) -> dict:
-    """Batch-1 latency (p50/p95) and batch-N throughput on real texts, after a fixed warm-up."""
+    """Batch-1 latency (p50/p95) and batch-N throughput on real texts, after a fixed warm-up, with the machine's
+    load while it ran. Throughput is timed in `THROUGHPUT_ROUNDS` parts whose spread is recorded."""
+    from toolkit.machine import LoadMeter
+
     if not texts:
         return {}
     single = [texts[i % len(texts)] for i in range(cfg.latency_samples)]
@@ -45,24 +48,75 @@ def measure_speed(predict: Callable[[list[str]], Any], texts: list[str], cfg: Sp
     for text in single[: cfg.warmup]:
         predict([text])
     predict(bulk[:n])
-    latencies = []
-    for text in tqdm(single, desc="latency (batch 1)", leave=False):
-        start = time.perf_counter()
-        predict([text])
-        latencies.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for i in tqdm(range(0, len(bulk), n), desc=f"throughput (batch {n})", leave=False):
-        predict(bulk[i : i + n])
-    elapsed = time.perf_counter() - start
+    with LoadMeter() as meter:
+        latencies = time_calls(predict, [[text] for text in single], "latency (batch 1)")
+        batches = [bulk[i : i + n] for i in range(0, len(bulk), n)]
+        parts = [[batches[i] for i in part] for part in np.array_split(np.arange(len(batches)), THROUGHPUT_ROUNDS)]
+        timed = [(sum(map(len, part)), sum(time_calls(predict, part, None))) for part in parts if part]
+    rates = [count / seconds for count, seconds in timed]
     return {
         "latency_p50_ms": percentile_ms(latencies, 50),
         "latency_p95_ms": percentile_ms(latencies, 95),
         "throughput_batch_size": n,
-        "throughput_per_s": len(bulk) / elapsed,
+        "throughput_per_s": len(bulk) / sum(seconds for _, seconds in timed),
+        "throughput_spread": spread(rates),
         "threads": threads,
         "warmup": cfg.warmup,
         "latency_samples": cfg.latency_samples,
         "throughput_samples": cfg.throughput_samples,
+        "load": meter.result,
+    }
+
+
+THROUGHPUT_ROUNDS = 3
+
+
+def time_calls(predict: Callable[[list[str]], Any], calls: list[list[str]], desc: str | None) -> list[float]:
+    seconds = []
+    for texts in tqdm(calls, desc=desc, leave=False, disable=desc is None):
+        start = time.perf_counter()
+        predict(texts)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median: how far apart repeated measurements of one figure came out."""
+    return float((max(values) - min(values)) / np.median(values)) if len(values) > 1 else 0.0
+
+
+def side_by_side(predictors: dict[str, Callable[[list[str]], Any]], texts: list[str], cfg: SpeedConfig,
+                 rounds: int) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The finalists timed in one session, each in turn, round after round (A B C A B C ...), so that a busy
+    spell falls on all of them alike. Per finalist: batch-1 p50/p95 over every round's calls, throughput over
+    every round's texts, and how far the rounds' p50 and throughput came apart (`*_spread`)."""
+    from toolkit.machine import LoadMeter
+
+    n = cfg.throughput_batch_size
+    single = [texts[i % len(texts)] for i in range(max(10, cfg.latency_samples // rounds))]
+    bulk = [texts[i % len(texts)] for i in range(max(n, cfg.throughput_samples // rounds))]
+    batches = [bulk[i : i + n] for i in range(0, len(bulk), n)]
+    latencies: dict[str, list[list[float]]] = {name: [] for name in predictors}
+    seconds: dict[str, list[float]] = {name: [] for name in predictors}
+    for predict in predictors.values():  # warm-up, untimed
+        predict(single[:1])
+        predict(batches[0])
+    with LoadMeter() as meter:
+        for _ in tqdm(range(rounds), desc="finalists side by side", leave=False):
+            for name, predict in predictors.items():
+                latencies[name].append(time_calls(predict, [[t] for t in single], None))
+                seconds[name].append(sum(time_calls(predict, batches, None)))
+    return {
+        name: {
+            "latency_p50_ms": percentile_ms(sum(latencies[name], []), 50),
+            "latency_p95_ms": percentile_ms(sum(latencies[name], []), 95),
+            "latency_spread": spread([percentile_ms(r, 50) for r in latencies[name]]),
+            "throughput_per_s": rounds * len(bulk) / sum(seconds[name]),
+            "throughput_spread": spread([len(bulk) / s for s in seconds[name]]),
+            "rounds": rounds,
+            "load": meter.result,
+        }
+        for name in predictors
     }
 
 

@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 MANIFEST = "manifest.json"
 
 
@@ -92,11 +94,14 @@ class Manifest:
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 
-    def record_run(self, version: str, recipe: dict[str, Any], data: Any) -> None:
-        """The run's header: toolkit's version, the recipe as validated, the stage order and the data."""
+    def record_run(self, version: str, recipe: dict[str, Any], data: Any, environment: dict | None = None) -> None:
+        """The run's header: toolkit's version, the machine, the recipe as validated, the stage order and the
+        data (with each split's label counts)."""
         self.data.update(
             {
                 "toolkit_version": version,
+                "started": now(),
+                "environment": environment or {},
                 "recipe": recipe,
                 "order": [s["name"] for s in recipe["stages"]],
                 "data": {
@@ -104,6 +109,10 @@ class Manifest:
                     "path": str(data.path),
                     "label_names": data.label_names,
                     "counts": {s: len(data.texts(s)) for s in ("train", "validation", "test")},
+                    "label_counts": {
+                        s: np.bincount(data.labels(s), minlength=len(data.label_names)).tolist()
+                        for s in ("train", "validation", "test")
+                    },
                 },
             }
         )

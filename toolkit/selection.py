@@ -51,7 +51,8 @@ def accuracy_drop(accuracy: float, baseline: float, mode: str) -> float:
     return lost if mode == "absolute" else lost / baseline if baseline else 0.0
 
 
-def constraint_failures(fig: dict[str, Any], drop: float, cfg: Any) -> list[str]:
+def constraint_failures(fig: dict[str, Any], drop: float, cfg: Any, speed: bool = True) -> list[str]:
+    """Every limit of `select` the figures break; `speed=False` leaves the latency limit out."""
     reasons = []
     if drop > cfg.max_accuracy_drop + 1e-9:  # 100 * (0.80 - 0.79) is 1.0000000000000009
         reasons.append(f"accuracy drop {drop:.2f} pts ({cfg.drop_mode}) > max {cfg.max_accuracy_drop}")
@@ -59,7 +60,7 @@ def constraint_failures(fig: dict[str, Any], drop: float, cfg: Any) -> list[str]
         ("latency_p50_ms", cfg.max_latency_ms, "batch-1 p50 latency", "ms"),
         ("size_mb", cfg.max_size_mb, "size", "MB"),
     ):
-        if limit is None:
+        if limit is None or (key == "latency_p50_ms" and not speed):
             continue
         if fig[key] is None:
             reasons.append(f"{label} not measured (limit {limit} {unit})")
@@ -68,21 +69,52 @@ def constraint_failures(fig: dict[str, Any], drop: float, cfg: Any) -> list[str]
     return reasons
 
 
-def select(manifest: Manifest, cfg: SelectConfig) -> dict[str, Any]:
+def _unusable(entry: dict[str, Any]) -> list[str]:
+    if entry.get("status") == "done":
+        return []
+    why = (entry.get("gate") or {}).get("reasons") or [entry.get("reason") or "not usable"]
+    return [f"status {entry.get('status')}: " + "; ".join(why)]
+
+
+def _quality_failures(entry: dict[str, Any], fig: dict[str, Any], drop: float, cfg: Any) -> list[str]:
+    return _unusable(entry) or constraint_failures(fig, drop, cfg, speed=False)
+
+
+def finalists(manifest: Manifest, cfg: SelectConfig) -> list[str]:
+    """The candidates that meet every constraint but speed: those worth timing again side by side."""
+    stages = evaluated(manifest)
+    base_name = baseline_stage(manifest)
+    if base_name is None:
+        return []
+    base_acc = manifest.stage(base_name)["evaluation"]["accuracy"]
+    return [
+        name
+        for name, entry in stages
+        if not _quality_failures(
+            entry, fig := figures(entry), accuracy_drop(fig["accuracy"], base_acc, cfg.drop_mode), cfg
+        )
+    ]
+
+
+def select(manifest: Manifest, cfg: SelectConfig, timing: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`timing`: the finalists' side-by-side figures (`evaluation.side_by_side`); where given, latency and
+    throughput come from there, and the per-stage figures stay in the record as `stage_*`."""
     stages = evaluated(manifest)
     if not stages:
         raise ValueError("no stage produced an evaluated model; nothing to select")
     base_name = baseline_stage(manifest)
     base_acc = manifest.stage(base_name)["evaluation"]["accuracy"]
     key, larger_better = OBJECTIVES[cfg.objective]
+    timing = timing or {}
     records: dict[str, dict[str, Any]] = {}
     for name, entry in stages:
         fig = figures(entry)
+        if name in timing:
+            fig.update({f"stage_{k}": fig[k] for k in SPEED_KEYS})
+            fig.update({k: timing[name][k] for k in SPEED_KEYS}, side_by_side=True)
         drop = accuracy_drop(fig["accuracy"], base_acc, cfg.drop_mode)
-        if entry.get("status") != "done":
-            why = (entry.get("gate") or {}).get("reasons") or [entry.get("reason") or "not usable"]
-            reasons = [f"status {entry.get('status')}: " + "; ".join(why)]
-        else:
+        reasons = _unusable(entry)
+        if not reasons:
             reasons = constraint_failures(fig, drop, cfg)
             if fig[key] is None:
                 reasons.append(f"objective figure {key} not measured")
@@ -94,12 +126,40 @@ def select(manifest: Manifest, cfg: SelectConfig) -> dict[str, Any]:
         for record in records.values():
             record["lost"] = "; ".join(record["reasons"])
         return _result(manifest, base_name, message, base_name, constraints, records, qualified=False)
-    best = sorted(qualified, key=lambda n: records[n][key], reverse=larger_better)[0]
+    ranked = sorted(qualified, key=lambda n: records[n][key], reverse=larger_better)
+    best = ranked[0]
     for name, record in records.items():
         if name != best:
             record["lost"] = "; ".join(record["reasons"]) or _lost_on_objective(records[best], record, key, cfg)
-    reason = f"best {cfg.objective} ({key} {records[best][key]:.4g}) among {len(qualified)} qualifying: {describe(cfg)}"
-    return _result(manifest, best, reason, base_name, constraints, records, qualified=True)
+    how = "timed side by side" if best in timing else "per-stage figures"
+    reason = (
+        f"best {cfg.objective} ({key} {records[best][key]:.4g}, {how}) among {len(qualified)} qualifying: "
+        f"{describe(cfg)}"
+    )
+    result = _result(manifest, best, reason, base_name, constraints, records, qualified=True)
+    if len(ranked) > 1:
+        result["close_call"] = close_call(best, ranked[1], key, timing)
+    return result
+
+
+SPEED_KEYS = ("latency_p50_ms", "throughput_per_s")
+SPREAD_KEYS = {"latency_p50_ms": "latency_spread", "throughput_per_s": "throughput_spread"}
+
+
+def close_call(best: str, second: str, key: str, timing: dict[str, dict[str, Any]]) -> str | None:
+    """A sentence when the winner's lead on the objective is smaller than its figures' own noise (how far the
+    side-by-side rounds came apart), else None. Without side-by-side figures there is no noise to compare."""
+    if key not in SPREAD_KEYS or best not in timing or second not in timing:
+        return None
+    a, b = timing[best][key], timing[second][key]
+    lead = abs(a - b) / max(min(a, b), 1e-12)
+    noise = max(timing[best][SPREAD_KEYS[key]], timing[second][SPREAD_KEYS[key]])
+    if lead >= noise:
+        return None
+    return (
+        f"{best} leads {second} by {100 * lead:.1f}% on {key}, less than the {100 * noise:.1f}% their rounds varied: "
+        "the two are not told apart by this measurement"
+    )
 
 
 def describe(cfg: Any) -> str:

@@ -182,6 +182,13 @@ class SelectConfig(Strict):
     objective: Literal["latency", "throughput", "size"] = Field(
         "latency", description="What the best qualifying candidate is best at."
     )
+    finalist_rounds: int = Field(
+        5,
+        ge=0,
+        description="Before choosing, the candidates that meet the quality and size limits are timed again in one "
+        "session, each in turn, this many rounds, and latency and throughput come from there (per-stage figures "
+        "are taken minutes apart, under whatever load the machine had then). 0: use the per-stage figures.",
+    )
 
 
 class CardConfig(Strict):

@@ -58,6 +58,23 @@ class Judge:
         seconds = round(time.perf_counter() - start, 2)
         self.manifest.update(name, {"evaluation": result, "eval_fingerprint": eval_fp, "eval_seconds": seconds})
 
+    def time_finalists(self, names: list[str], data: PreparedData) -> dict[str, dict]:
+        """The finalists' side-by-side speed (main process only), recorded in the manifest."""
+        from toolkit.evaluation import side_by_side
+        from toolkit.runtime import load_model
+
+        recipe = self.recipe
+        speed = recipe.evaluate.speed
+        models = {}
+        for name in names:
+            output = self.manifest.stage(name)["output"]
+            models[name] = load_model(output["path"], output["format"], recipe.model.max_length, speed.threads,
+                                      recipe.device).logits  # fmt: skip
+        log.info(f"  timing {len(names)} finalists side by side: {', '.join(names)}")
+        timing = side_by_side(models, list(data.texts(recipe.evaluate.split)), speed, recipe.select.finalist_rounds)
+        self.manifest.data["finalist_timing"] = timing
+        return timing
+
     def passes_gate(self, cfg: StageBase, source: Artifact) -> bool:
         """Judge a gated stage's parity; a failure is recorded as `failed_gate` and said plainly."""
         gate = getattr(cfg, "parity", None)

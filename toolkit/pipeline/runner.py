@@ -15,6 +15,7 @@ import time
 from toolkit import __version__
 from toolkit.config import Recipe, StageBase
 from toolkit.data import PreparedData, prepare_data
+from toolkit.machine import environment
 from toolkit.manifest import Artifact, Manifest, now
 from toolkit.pipeline import planning
 from toolkit.pipeline.errors import StageError
@@ -44,9 +45,9 @@ class Runner:
         with self.sync.main_process_first():
             data = prepare_data(self.recipe.data, self.run_dir)
         if self.sync.is_main:  # reading the splits starts Arrow's threads, which abort a helper process at exit
-            self.manifest.record_run(__version__, self.recipe.model_dump(mode="json"), data)
+            self.manifest.record_run(__version__, self.recipe.model_dump(mode="json"), data, environment())
         source, artifacts = self._model_stages(data)
-        selection = self._select()
+        selection = self._select(data)
         for cfg in self.recipe.stages:
             if cfg.enabled and REGISTRY[cfg.type].after_selection:
                 made = self.manifest.stage(selection.artifact.stage) or {}
@@ -90,11 +91,17 @@ class Runner:
         self.manifest.set_status(cfg.name, cfg.type, "stale", reason)
         self.say(f"{cfg.name}: stale, {reason}", logging.WARNING)
 
-    def _select(self) -> Selection:
-        from toolkit.selection import select, selected_artifact
+    def _select(self, data: PreparedData) -> Selection:
+        from toolkit.selection import finalists, select, selected_artifact
 
         def choose() -> None:
-            self.manifest.data["selection"] = select(self.manifest, self.recipe.select)
+            cfg, timing = self.recipe.select, None
+            names = finalists(self.manifest, cfg)
+            if cfg.finalist_rounds and len(names) > 1 and self.recipe.evaluate.speed.enabled:
+                timing = self.judge.time_finalists(names, data)
+            if timing is None:
+                self.manifest.data.pop("finalist_timing", None)
+            self.manifest.data["selection"] = select(self.manifest, cfg, timing)
             self.manifest.save()
 
         outcome = self.sync.run(choose)

@@ -1,0 +1,102 @@
+"""Figures a user can trust and a report they read: the machine's load is measured with every speed figure,
+the finalists are timed side by side, and the HTML report renders in a real browser."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from toolkit.cli import app
+from toolkit.machine import LoadMeter
+from toolkit.manifest import Manifest
+
+
+@contextmanager
+def burning(cores: int):
+    """`cores` processes spinning at full speed: a busy machine, for real."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.3)
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_load_meter_sees_another_process_take_a_core():
+    with burning(1), LoadMeter() as meter:
+        time.sleep(1.5)
+    assert meter.result["others_cores"] >= 0.7 and meter.result["busy"]
+    assert meter.result["cores"] >= 1 and "loadavg_1m" in meter.result
+
+
+def onnx_recipe(toy_recipe: dict) -> dict:
+    toy_recipe["stages"] += [{"type": "export"}, {"type": "quantize", "parity": {"min_agreement": 0.8}}]
+    toy_recipe["evaluate"]["speed"] = {"threads": 1, "warmup": 2, "latency_samples": 60, "throughput_samples": 96}
+    return toy_recipe
+
+
+def run(recipe_path: Path) -> dict:
+    result = CliRunner().invoke(app, ["run", str(recipe_path), "--fresh"])
+    assert result.exit_code == 0, result.output
+    return Manifest.load(recipe_path.parent / "run").data
+
+
+@pytest.mark.slow
+def test_disturbed_measurement_is_flagged_and_selection_unchanged(toy_recipe, write_recipe, monkeypatch):
+    """A CPU-burning job during one stage's measurement: the report flags that stage's figures, and the choice,
+    made on the finalists timed side by side, is the one an undisturbed run makes."""
+    import toolkit.evaluation as evaluation
+
+    path = write_recipe(onnx_recipe(toy_recipe))
+    quiet = run(path)
+    chosen = quiet["selection"]["stage"]
+    assert chosen != "train" and set(quiet["finalist_timing"]) >= {"train", chosen}
+
+    original = evaluation.evaluate_artifact
+
+    def disturbed(artifact, *args, **kwargs):
+        if artifact.stage != chosen:
+            return original(artifact, *args, **kwargs)
+        with burning(3):
+            return original(artifact, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_artifact", disturbed)
+    busy = run(path)
+    load = busy["stages"][chosen]["evaluation"]["speed"]["load"]
+    assert load["busy"] and load["others_cores"] >= 1.0
+    assert busy["selection"]["stage"] == chosen
+    assert busy["selection"]["candidates"][chosen]["side_by_side"]
+    report = (path.parent / "run" / "report.md").read_text()
+    assert re.search(rf"- {chosen}: speed measured on a busy machine \(other processes used", report)
+    assert "BUSY (" in report
+
+
+@pytest.mark.slow
+def test_report_renders_in_chromium_with_every_part(toy_recipe, write_recipe, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    path = write_recipe(onnx_recipe(toy_recipe))
+    data = run(path)
+    page = (path.parent / "run" / "report.html").read_text()
+    for part in ("Stages", "Accuracy, latency and throughput", "Per class", "Training", "Recipe as it ran"):
+        assert f"<h2>{part}" in page
+    assert len(re.findall(r'<img alt="[^"]+" src="data:image/png;base64,', page)) == 4
+    assert data["environment"]["cpu"] in page and "onnxruntime " in page and "train: " in page
+    assert "<tr class='selected'>" in page or "<tr class='selected busy'>" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    if browser is None:
+        pytest.skip("no Chromium (Debian: apt-get install chromium) to render the page; the HTML checks passed")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1280,2600", f"--screenshot={shot}", (path.parent / "run" / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    assert shot.stat().st_size > 50_000  # a blank page is a few kB
