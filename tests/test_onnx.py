@@ -262,3 +262,21 @@ def test_calibration_options_need_static_mode(toy_recipe, write_recipe):
     recipe["stages"][-1] = {"type": "quantize", "calibration_method": "entropy"}
     with pytest.raises(RecipeError, match=r"calibration_method only apply with mode: static"):
         load_recipe(write_recipe(recipe))
+
+
+def test_quantize_preprocesses_with_onnxruntimes_quant_pre_process(tiny_model, tmp_path):
+    """The graph the quantizer reads is `quant_pre_process`'s: every intermediate tensor typed, nothing re-fused."""
+    import onnx
+
+    from toolkit.stages.chain import int8_from_pytorch
+    from toolkit.stages.quantize import shape_inferred_copy
+
+    work = tmp_path / "chain"
+    int8_from_pytorch(tiny_model, work)
+    optimized = onnx.load(str(onnx_file(work / "optimize")))
+    inferred = onnx.load(str(shape_inferred_copy(work / "optimize", tmp_path / "pre")))
+    assert len(inferred.graph.value_info) > len(optimized.graph.value_info)
+    typed = {v.name for v in inferred.graph.value_info}
+    assert all(out in typed for node in inferred.graph.node for out in node.output if node.op_type == "Attention")
+    assert [n.op_type for n in inferred.graph.node] == [n.op_type for n in optimized.graph.node]
+    assert (tmp_path / "pre" / "tokenizer.json").is_file()
