@@ -39,9 +39,10 @@ def test_load_meter_sees_another_process_take_a_core():
     assert meter.result["cores"] >= 1 and "loadavg_1m" in meter.result
 
 
-def onnx_recipe(toy_recipe: dict) -> dict:
+def onnx_recipe(toy_recipe: dict, samples: int = 60) -> dict:
     toy_recipe["stages"] += [{"type": "export"}, {"type": "quantize", "parity": {"min_agreement": 0.8}}]
-    toy_recipe["evaluate"]["speed"] = {"threads": 1, "warmup": 2, "latency_samples": 60, "throughput_samples": 96}
+    toy_recipe["evaluate"]["speed"] = {"threads": 1, "warmup": 2, "latency_samples": samples,
+                                       "throughput_samples": samples}  # fmt: skip
     return toy_recipe
 
 
@@ -57,7 +58,8 @@ def test_disturbed_measurement_is_flagged_and_selection_unchanged(toy_recipe, wr
     made on the finalists timed side by side, is the one an undisturbed run makes."""
     import toolkit.evaluation as evaluation
 
-    path = write_recipe(onnx_recipe(toy_recipe))
+    # Enough calls that the measurement spans many of /proc/stat's 10 ms ticks (about a second on the tiny model).
+    path = write_recipe(onnx_recipe(toy_recipe, samples=4000))
     quiet = run(path)
     chosen = quiet["selection"]["stage"]
     assert chosen != "train" and set(quiet["finalist_timing"]) >= {"train", chosen}

@@ -59,7 +59,9 @@ class LoadMeter:
     def __exit__(self, *exc: Any) -> None:
         wall0, own0, jiffies0 = self.start
         wall, own, jiffies = time.perf_counter() - wall0, _own_cpu_seconds() - own0, _jiffies(self.cpus)
-        result: dict[str, Any] = {"loadavg_1m": round(os.getloadavg()[0], 2), "cores": len(self.cpus)}
+        # /proc/stat counts in ticks of 10 ms: over a window of a few ticks `others_cores` is coarse.
+        result: dict[str, Any] = {"loadavg_1m": round(os.getloadavg()[0], 2), "cores": len(self.cpus),
+                                  "seconds": round(wall, 2)}  # fmt: skip
         if jiffies0 is not None and jiffies is not None and wall > 0:
             hz = os.sysconf("SC_CLK_TCK")
             busy, steal = (jiffies[i] - jiffies0[i] for i in range(2))

@@ -27,6 +27,7 @@ from toolkit.config.stages import (
     StageConfig,
     StudentConfig,
     TrainConfig,
+    TrimVocabConfig,
     resolve_target,
     spaced_layers,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "PackageConfig",
     "ParityGate",
     "PruneConfig",
+    "TrimVocabConfig",
     "PushConfig",
     "QuantizeConfig",
     "Recipe",

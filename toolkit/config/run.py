@@ -256,7 +256,7 @@ class Recipe(Strict):
 
 
 # Stage types whose model is PyTorch: what a distillation teacher can be.
-PYTORCH_MAKERS = ("train", "prune", "distill")
+PYTORCH_MAKERS = ("train", "trim_vocab", "prune", "distill")
 
 
 def _check_references(stages: list) -> None:
@@ -274,8 +274,13 @@ def _check_references(stages: list) -> None:
                 )
                 raise ValueError(
                     f"stages[{number}] ({stage.name}): teacher {teacher!r} {why}; it must name an earlier enabled "
-                    f"train, prune or distill stage (here: {', '.join(usable) or 'none'})"
+                    f"train, trim_vocab, prune or distill stage (here: {', '.join(usable) or 'none'})"
                 )
+        if stage.enabled and stage.type == "trim_vocab" and not any(s.type in PYTORCH_MAKERS for s in earlier):
+            raise ValueError(
+                f"stages[{number}] ({stage.name}): trim_vocab works on a fine-tuned model, whose answers the trimmed "
+                "one must keep (its parity gate); put it after an enabled train stage"
+            )
         if stage.enabled:
             earlier.append(stage)
 

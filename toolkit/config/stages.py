@@ -10,7 +10,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
-from toolkit.config.common import REPO_ID, ParityGate, Strict, local_model_shape, model_reference
+from toolkit.config.common import REPO_ID, ParityGate, Strict, base_dir, local_model_shape, model_reference
 
 
 class StageBase(Strict):
@@ -386,8 +386,41 @@ class PushConfig(StageBase):
     private: bool = Field(False, description="Create the repository as private.")
 
 
+class TrimVocabConfig(StageBase):
+    """Keep only the vocabulary the training texts (and `extra_corpus`) use: a smaller embedding matrix and
+    tokenizer, the same tokens for those texts. For multilingual models whose vocabulary is most of their size."""
+
+    type: Literal["trim_vocab"]
+    extra_corpus: str | None = Field(
+        None,
+        description="A UTF-8 text file, one text per line, whose word pieces are kept too (texts the model will see "
+        "in service but the training split lacks); relative to the recipe.",
+    )
+    parity: ParityGate = Field(
+        ParityGate(),
+        description="Parity with the untrimmed model on the evaluation split (texts outside the corpus may be cut "
+        "into other pieces).",
+    )
+
+    @field_validator("extra_corpus")
+    @classmethod
+    def _existing(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        path = (base_dir(info) / value).resolve()
+        if not path.is_file():
+            raise ValueError(f"extra_corpus: {value!r} not found (relative to the recipe folder {base_dir(info)})")
+        return str(path)
+
+    def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
+        if shape and "vocab_size" in shape:
+            shape = dict(shape, vocab_size=None)  # known only once the corpus is read
+        return shape
+
+
 STAGE_CONFIGS: dict[str, type[StageBase]] = {
     "train": TrainConfig,
+    "trim_vocab": TrimVocabConfig,
     "prune": PruneConfig,
     "distill": DistillConfig,
     "export": ExportConfig,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from toolkit.config import STAGE_CONFIGS, StageBase
-from toolkit.stages import distill, export, optimize, package, prune, push, quantize, train
+from toolkit.stages import distill, export, optimize, package, prune, push, quantize, train, trim_vocab
 from toolkit.stages.base import Artifact, ModelRef, Selection, StageContext, StageResult
 
 
@@ -30,6 +30,7 @@ class Stage:
 
 REGISTRY: dict[str, Stage] = {
     "train": Stage(STAGE_CONFIGS["train"], train.run, distributed=True),
+    "trim_vocab": Stage(STAGE_CONFIGS["trim_vocab"], trim_vocab.run),
     "prune": Stage(STAGE_CONFIGS["prune"], prune.run, distributed=True),
     "distill": Stage(STAGE_CONFIGS["distill"], distill.run, distributed=True),
     "export": Stage(STAGE_CONFIGS["export"], export.run),
