@@ -4,6 +4,7 @@ serves it, and `toolkit push` uploads it with a card (only the Hub's HTTP calls 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import requests
@@ -207,3 +208,33 @@ def test_onnx_selection_is_pushed_in_the_hub_layout_that_every_loader_reads(toy_
     assert labels == [ort.config.id2label[i] for i in torch_ids]
     agreement = np.mean(np.array(torch_ids) == np.array(ort_ids))
     assert agreement >= 2 / 3  # an INT8 graph may differ from its PyTorch ancestor on a near-boundary text
+
+    # The bento serves the pushed repo (TOOLKIT_HUB_MODEL: a Hub id, or as here a folder in the same layout).
+    from toolkit.runtime import load_model
+    from toolkit.serving.launch import serving
+
+    served_graph = load_model(Path(manifest.stage(manifest.selection["stage"])["output"]["path"]), "onnx", 16, 1)
+    expected = served_graph.logits(texts).argmax(-1).tolist()
+    with serving({"TOOLKIT_HUB_MODEL": str(repo)}, log=tmp_path / "serve.log") as url:
+        answers = requests.post(f"{url}/classify_batch", json={"text": texts}, timeout=30).json()
+        tei = requests.post(f"{url}/predict", json={"inputs": texts[0]}, timeout=30).json()
+    assert answers["categories"] == expected and answers["labels"] == [ort.config.id2label[i] for i in expected]
+    assert tei[0]["label"] == answers["labels"][0]
+
+
+def test_hub_model_errors_say_what_is_wrong(tmp_path, monkeypatch):
+    from toolkit.serving.hub_model import HubModelError, hub_bundle
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubModelError, match=r"TOOLKIT_HUB_MODEL='nobody/nothing' could not be fetched"):
+        hub_bundle("nobody/nothing", tmp_path / "b1")
+    repo = tmp_path / "repo"
+    (repo / "onnx").mkdir(parents=True)
+    (repo / "onnx" / "model.onnx").write_bytes(b"")
+    (repo / "onnx" / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b"}}))
+    with pytest.raises(HubModelError, match=r"TOOLKIT_HUB_ONNX='model_int8.onnx' is not in .*\['model.onnx'\]"):
+        hub_bundle(str(repo), tmp_path / "b2", onnx_name="model_int8.onnx")
+    bundle = hub_bundle(str(repo), tmp_path / "b3")
+    meta = json.loads((bundle / "toolkit.json").read_text())
+    assert meta["labels"] == ["a", "b"] and meta["format"] == "onnx" and meta["max_length"] == 512
+    assert (bundle / "model.onnx").resolve() == (repo / "onnx" / "model.onnx").resolve()

@@ -32,6 +32,8 @@ MAX_BODY_BYTES = int(os.environ.get("TOOLKIT_MAX_BODY_BYTES", str(1 << 20)))
 MAX_PENDING = int(os.environ.get("TOOLKIT_MAX_PENDING", "256"))
 RETRY_AFTER_S = int(os.environ.get("TOOLKIT_RETRY_AFTER_S", "1"))
 ROUTES = ("/classify", "/classify_batch", "/predict")
+# Serve a model pushed to the Hub (or a folder in that layout) instead of one from the BentoML model store.
+HUB_MODEL = os.environ.get("TOOLKIT_HUB_MODEL")
 # A line per request in BentoML's access log cost more than the model call of a batched text: off unless asked.
 ACCESS_LOG = os.environ.get("TOOLKIT_ACCESS_LOG", "0") == "1"
 # Likewise OpenTelemetry's span per request (sampled or not); TOOLKIT_TRACE_REQUESTS=1 traces the routes again.
@@ -161,22 +163,35 @@ class PredictInput(BaseModel):
     tracing={"excluded_urls": [] if TRACE_REQUESTS else [r.lstrip("/") for r in ROUTES]},
 )
 class Classifier:
-    bento_model = bentoml.models.BentoModel(latest_model_tag())
+    bento_model = None if HUB_MODEL else bentoml.models.BentoModel(latest_model_tag())
 
     def __init__(self) -> None:
         from toolkit.serving.batching import MicroBatcher
         from toolkit.serving.bundle import read_meta
         from toolkit.serving.model import ServedModel, session_settings
 
+        folder = self._model_folder()
         # Threads, spinning and SkipLayerNorm fusion as the package stage measured them on this CPU (or set by
         # TOOLKIT_THREADS, TOOLKIT_ORT_SPIN, TOOLKIT_ORT_FUSE_SLN); workers share the cores.
-        settings, source = session_settings(read_meta(self.bento_model.path), WORKERS)
-        logging.getLogger("toolkit.serving").info("session settings %s (%s)", settings, source)
-        self.runtime = ServedModel(self.bento_model.path, settings.pop("threads"), **settings)
+        settings, source = session_settings(read_meta(folder), WORKERS)
+        logging.getLogger("toolkit.serving").info("serving %s; session settings %s (%s)", folder, settings, source)
+        self.runtime = ServedModel(folder, settings.pop("threads"), **settings)
         self.labels = self.runtime.labels
         self.batcher = MicroBatcher(self._logits, MAX_BATCH_SIZE, on_batch=METRICS.batch)
         LOAD.batcher = self.batcher
         LOAD.service = self
+
+    def _model_folder(self) -> str:
+        if not HUB_MODEL:
+            return self.bento_model.path
+        import tempfile
+        from pathlib import Path
+
+        from toolkit.serving.hub_model import hub_bundle
+
+        dest = Path(tempfile.mkdtemp(prefix="toolkit-hub-model-"))
+        revision, graph = os.environ.get("TOOLKIT_HUB_REVISION"), os.environ.get("TOOLKIT_HUB_ONNX")
+        return str(hub_bundle(HUB_MODEL, dest, revision, graph))
 
     def _logits(self, texts: list[str]) -> list:
         return list(self.runtime.logits(texts))
