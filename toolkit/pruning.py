@@ -1,6 +1,7 @@
 """Structured pruning of encoders: importance scores, weight slicing, and the config that restores the pruned
 shapes in `from_pretrained`. One small `Layout` per family says where its attention and FFN projections live
-(BERT's layout also serves RoBERTa, XLM-R and ELECTRA; DistilBERT has its own).
+(BERT's layout also serves RoBERTa, XLM-R and ELECTRA; DistilBERT has its own; DeBERTa-v2/v3 and MPNet take
+BERT's shape, FFN and layers only, since their configs cannot record fewer heads).
 
 Everything here that touches transformers' model internals (`encoder.layer[i].attention.self.query`, ...) is
 kept in this one module: transformers 5 removed `prune_heads`, so the project slices the weights itself and
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -49,6 +50,9 @@ class Layout:
     width_attr: str  # heads x head size on the attention module
     ffn_config: str  # the config field of the FFN size
     layers_config: str  # the config field of the layer count
+    # Whether the stock config can record pruned heads (`pruned_heads`, any count per layer); False: FFN and
+    # layers only.
+    heads_prunable: bool = True
 
 
 BERT_LAYOUT = Layout(
@@ -77,9 +81,24 @@ DISTILBERT_LAYOUT = Layout(
     ffn_config="hidden_dim",
     layers_config="n_layers",
 )
+# DeBERTa-v2/v3: its model cannot apply `pruned_heads`, and although its config has `attention_head_size`, the
+# attention output projection is built hidden_size wide, so fewer heads do not load; FFN and layers can be cut.
+DEBERTA_V2_LAYOUT = replace(
+    BERT_LAYOUT, family="DeBERTa-v2/v3", qkv=("query_proj", "key_proj", "value_proj"), heads_prunable=False
+)
+# MPNet: one relative-position bias table (buckets x heads) serves every layer, and its config has no field for
+# fewer heads, so its heads cannot be pruned into a folder that loads; FFN and layers can.
+MPNET_LAYOUT = replace(
+    BERT_LAYOUT,
+    family="MPNet",
+    attention=lambda layer: layer.attention.attn,
+    qkv=("q", "k", "v"),
+    attention_out=lambda layer: (layer.attention.attn, "o"),
+    heads_prunable=False,
+)
 # By `config.model_type`; `toolkit.config.stages.LAYOUT_FAMILIES` lists the same families for validation.
 LAYOUTS = {"bert": BERT_LAYOUT, "roberta": BERT_LAYOUT, "xlm-roberta": BERT_LAYOUT, "electra": BERT_LAYOUT,
-           "distilbert": DISTILBERT_LAYOUT}  # fmt: skip
+           "distilbert": DISTILBERT_LAYOUT, "deberta-v2": DEBERTA_V2_LAYOUT, "mpnet": MPNET_LAYOUT}  # fmt: skip
 
 
 def layout(model: nn.Module) -> Layout:
@@ -211,6 +230,10 @@ def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear
 def keep_heads(model: nn.Module, keep: list[list[int]]) -> None:
     """Keep heads `keep[layer]` (indices among the layer's *current* heads); updates `config.pruned_heads`."""
     lay = layout(model)
+    if not lay.heads_prunable:
+        if [len(k) for k in keep] == head_counts(model):
+            return  # every head kept: nothing to record
+        raise PruningError(f"{lay.family} heads cannot be pruned into a model that loads; prune ffn_size only")
     originals = kept_heads(model.config)
     pruned: dict[int, list[int]] = {}
     for number, (layer, heads) in enumerate(zip(encoder_layers(model), keep, strict=True)):

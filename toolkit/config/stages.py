@@ -77,17 +77,27 @@ class TrainConfig(StageBase, LoopOptions):
 
 # Encoder families whose layers `toolkit.pruning` can cut (its `LAYOUTS`: BERT's layer layout and DistilBERT's);
 # each runs prune -> distill -> export -> optimize -> quantize in the tests.
-LAYOUT_FAMILIES = ("bert", "distilbert", "electra", "roberta", "xlm-roberta")
+LAYOUT_FAMILIES = ("bert", "deberta-v2", "distilbert", "electra", "mpnet", "roberta", "xlm-roberta")
+# What a family's stock config cannot record (so a pruned folder would not load): checked before any work.
+HEAD_LIMITS = {
+    "mpnet": "MPNet's relative-position bias table is shared by every layer and its config has no field for fewer "
+    "heads, so its heads cannot be pruned; set only ffn_size",
+    "deberta-v2": "DeBERTa-v2/v3 cannot apply pruned_heads and builds its attention output projection hidden_size "
+    "wide, so a model with fewer heads would not load; set only ffn_size",
+}
 
 
-def check_family(shape: dict[str, Any] | None, stage: str) -> None:
-    """A ValueError naming the model's family when the pruning module cannot cut it (unknown shape: no check)."""
+def check_family(shape: dict[str, Any] | None, stage: str, heads: bool = False) -> None:
+    """A ValueError naming the model's family when the pruning module cannot cut it (unknown shape: no check);
+    `heads`: the stage also prunes attention heads."""
     family = (shape or {}).get("model_type")
     if family is not None and family not in LAYOUT_FAMILIES:
         raise ValueError(
             f"{stage} cannot cut a model_type {family!r} model; supported families: {', '.join(LAYOUT_FAMILIES)}"
             + (" (or distil into another pretrained model with student.model)" if stage.startswith("distill") else "")
         )
+    if heads and family in HEAD_LIMITS:
+        raise ValueError(f"{stage} cannot prune the heads of a model_type {family!r} model: {HEAD_LIMITS[family]}")
 
 
 # An absolute count (int >= 1) or a fraction of what the model has (0 < f < 1).
@@ -144,7 +154,7 @@ class PruneConfig(StageBase, LoopOptions):
         return self
 
     def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
-        check_family(shape, "prune")
+        check_family(shape, "prune", heads=self.heads_per_layer is not None)
         if not shape or "num_attention_heads" not in shape or "intermediate_size" not in shape:
             return shape
         shape = dict(shape)
