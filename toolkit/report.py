@@ -185,9 +185,11 @@ def confusion_matrices(manifest: Manifest) -> dict[str, np.ndarray]:
         return {}
     labels, names = labelled
     out = {}
-    for role, stage in (("selected", selection["stage"]), ("fine-tuned", selection.get("baseline"))):
+    roles = {selection["stage"]: "selected"}
+    roles.setdefault(selection.get("baseline"), "fine-tuned")  # one entry when the baseline was selected
+    for stage, role in roles.items():
         logits = manifest.run_dir / "evals" / f"{stage}.logits.npy"
-        if stage and logits.is_file() and f"{stage}" not in {k.split(": ")[-1] for k in out}:
+        if stage and logits.is_file():
             predicted = np.load(logits).argmax(-1)
             if len(predicted) == len(labels):
                 out[f"{role}: {stage}"] = confusion_matrix(labels, predicted, labels=list(range(len(names))))

@@ -26,7 +26,8 @@ def run(cfg: TrimVocabConfig, ctx: StageContext) -> StageResult:
     source = Path(ctx.source.path)
     if not (source / "tokenizer.json").is_file():
         raise VocabularyError(f"{source} has no tokenizer.json: trim_vocab rewrites a fast tokenizer's file")
-    keep = used_ids(source / "tokenizer.json", corpus(cfg, ctx))
+    texts = corpus(cfg, ctx)
+    keep = used_ids(source / "tokenizer.json", texts)
     model = AutoModelForSequenceClassification.from_pretrained(source)
     params_before = sum(p.numel() for p in model.parameters())
     info = trim_embeddings(model, keep)
@@ -34,7 +35,7 @@ def run(cfg: TrimVocabConfig, ctx: StageContext) -> StageResult:
     write_tokenizer(source, ctx.out_dir, keep)
     info.update(
         {
-            "corpus_texts": len(corpus(cfg, ctx)),
+            "corpus_texts": len(texts),
             "extra_corpus": cfg.extra_corpus,
             "parameters": {"before": params_before, "after": sum(p.numel() for p in model.parameters())},
         }
