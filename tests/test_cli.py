@@ -74,6 +74,8 @@ def test_two_process_accelerate_launch_fine_tune(toy_recipe, write_recipe, tmp_p
     single_batches = -(-int(manifest["data"]["counts"]["train"]) // 16)
     assert train["info"]["train_batches_per_process"] == -(-single_batches // 2)
     assert train["evaluation"]["accuracy"] >= 0.9
+    assert train["evaluation"]["logits_processes"] == 2  # each process scored half the split, main gathered
+    assert not list((tmp_path / "run" / "evals").glob("share-*"))
     assert done.stdout.count("run folder:") == 1  # the table is printed by the main process only
 
 
@@ -158,7 +160,11 @@ def test_shipped_accelerate_config_starts_two_cpu_processes(toy_recipe, write_re
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     train = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["train"]
     assert train["info"]["num_processes"] == 2
-    for name in ("gpu-1.yaml", "multi-gpu.yaml"):  # the GPU configs at least parse as accelerate reads them
+    for name in (
+        "gpu-1.yaml",
+        "multi-gpu.yaml",
+        "fsdp.yaml",
+    ):  # the GPU configs at least parse as accelerate reads them
         from accelerate.commands.config.config_args import load_config_from_file
 
         assert load_config_from_file(str(config.parent / name)).num_machines == 1

@@ -244,3 +244,93 @@ def test_unknown_encoding_is_a_recipe_error(tmp_path):
     path = write_tsv(tmp_path / "train.tsv", ROWS)
     with pytest.raises(RecipeError, match=r"data\.encoding: Value error, unknown encoding 'klingon'|unknown encoding"):
         data_config(tmp_path, train=str(path), encoding="klingon")
+
+
+def test_dedupe_across_splits_and_conflicting_labels(tmp_path):
+    train = tmp_path / "train.tsv"
+    train.write_text(
+        "sentence\tlabel\ngood\tpositive\n good \tpositive\nmixed\tpositive\nbad\tnegative\nfine\tpositive\n"
+    )
+    test = tmp_path / "test.tsv"
+    test.write_text("sentence\tlabel\ngood\tpositive\nmixed\tnegative\nawful\tnegative\n")
+    validation = tmp_path / "validation.tsv"
+    validation.write_text("sentence\tlabel\nawful\tnegative\nok\tpositive\n")
+    cfg = data_config(tmp_path, train=str(train), test=str(test), validation=str(validation), dedupe=True)
+    texts, labels, names = read_all(cfg)
+    # the first copy wins (earlier splits first: no test text in train); a text with two labels goes everywhere
+    assert texts == {"train": ["good", "bad", "fine"], "validation": ["awful", "ok"], "test": []}
+    assert [names[i] for i in labels["train"]] == ["positive", "negative", "positive"]
+
+
+def test_unchanged_files_are_not_read_again_for_the_fingerprint(tmp_path, monkeypatch):
+    import os
+
+    import toolkit.data as data
+
+    path = write_tsv(tmp_path / "train.tsv", ROWS)
+    cfg = data_config(tmp_path, train=str(path))
+    first = prepare_data(cfg, tmp_path / "run")
+    opened = []
+    real_open = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: opened.append(self) or real_open(self, *a, **k))
+    assert prepare_data(cfg, tmp_path / "run").fingerprint == first.fingerprint
+    assert path not in opened  # size, mtime and inode unchanged: the recorded digest is reused
+    os.utime(path, ns=(1, 1))  # touched, same bytes: read again, same fingerprint, data kept
+    assert data.prepare_data(cfg, tmp_path / "run").fingerprint == first.fingerprint
+    assert path in opened
+    path.write_text(path.read_text().replace("positive", "negative", 1))
+    assert prepare_data(cfg, tmp_path / "run").fingerprint != first.fingerprint
+
+
+# Runs in its own process: samples the anonymous resident memory (what the process holds, not the pages of the
+# memory-mapped Arrow files, which the kernel can drop) while the data is prepared.
+MEMORY_PROBE = """
+import json, pathlib, sys, threading, time
+import datasets, pyarrow  # imported before the baseline: it measures the data, not the libraries
+from toolkit.data import prepare_data
+from toolkit.recipe import parse_recipe
+
+def anon_kib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon"))
+
+folder = pathlib.Path(sys.argv[1])
+raw = {"name": "t", "data": {"train": sys.argv[2]}, "model": {"name": "org/m"}, "stages": [{"type": "train"}]}
+cfg = parse_recipe(raw, folder).data
+base, peak, done = anon_kib(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon_kib())
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+prepared = prepare_data(cfg, folder / "run")
+done.set()
+counts = {s: prepared.count(s) for s in ("train", "validation", "test")}
+print(json.dumps({"base_kib": base, "peak_kib": max(peak[0], anon_kib()), "counts": counts}))
+"""
+
+
+@pytest.mark.slow
+def test_a_corpus_of_millions_of_rows_streams_in_bounded_memory(tmp_path):
+    """Memory grows by tens of bytes per row whatever the texts' length, less than the file: rows stream into
+    Arrow files (memory-mapped), not into Python lists (which took several times the file)."""
+    import subprocess
+    import sys
+
+    rows = 3_000_000
+    path = tmp_path / "big.tsv"
+    with path.open("w") as out:
+        out.write("sentence\tlabel\n")
+        for i in range(rows):
+            verdict = "great fun" if i % 3 else "a long bore"
+            out.write(f"review {i}: the plot of this film was {verdict} to sit through\t{'pos' if i % 3 else 'neg'}\n")
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path), str(path)], capture_output=True, text=True, check=True
+    )
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    grown = (figures["peak_kib"] - figures["base_kib"]) * 1024
+    size = path.stat().st_size
+    print(f"file {size / 2**20:.0f} MiB, {rows:,} rows: peak anonymous memory +{grown / 2**20:.0f} MiB", end=" ")
+    print(f"({grown / rows:.0f} B/row, {grown / size:.2f}x the file)")
+    assert sum(figures["counts"].values()) == rows
+    assert grown < 64 * rows
+    assert grown < size

@@ -1,8 +1,10 @@
 """Labelled text data: read, check row by row, split, and keep as a `datasets` folder in the run.
 
 Files are parsed here rather than by `datasets`' CSV loader so that every bad row is reported with its file
-and line. The checked result is saved once per run folder (fingerprinted by the data options and the input
-files' bytes), and tokenisation is a cached `datasets.map` on that saved copy.
+and line. Rows stream from the file (decompressed and decoded a chunk at a time) into Arrow files, so memory holds
+16 bytes per row (label id and text hash, for dedupe and stratified splits), not the texts. The checked result is
+saved once per run folder (fingerprinted by the data options and the input files' bytes; unchanged files are not
+re-read), and tokenisation is a cached `datasets.map` on that memory-mapped copy.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import codecs
 import csv
 import gzip
 import hashlib
-import io
+import itertools
 import json
 import lzma
 import shutil
+import tempfile
+import zlib
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,49 +59,64 @@ BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
-DECOMPRESSORS = {".bz2": ("bzip2", bz2.decompress), ".gz": ("gzip", gzip.decompress), ".xz": ("xz", lzma.decompress)}
-COMPRESSED = tuple(DECOMPRESSORS)
+OPENERS = {".bz2": ("bzip2", bz2.open), ".gz": ("gzip", gzip.open), ".xz": ("xz", lzma.open)}
+COMPRESSED = tuple(OPENERS)
+CHUNK_BYTES = 1 << 20
+WRITE_BATCH = 10_000  # rows per Arrow record batch
 
 
-def _decompressed(path: Path) -> bytes:
-    raw = path.read_bytes()
-    kind, decompress = DECOMPRESSORS.get(path.suffix, (None, None))
-    if decompress is None:
-        return raw
+def _chunks(path: Path) -> Iterator[bytes]:
+    """The file's bytes, decompressed by suffix, a chunk at a time (a file larger than memory streams)."""
+    kind, opener = OPENERS.get(path.suffix, (None, open))
     try:
-        return decompress(raw)
-    except (EOFError, OSError, lzma.LZMAError, ValueError) as exc:
+        with opener(path, "rb") as stream:
+            while chunk := stream.read(CHUNK_BYTES):
+                yield chunk
+    except (EOFError, OSError, lzma.LZMAError, zlib.error, ValueError) as exc:
+        if kind is None:
+            raise
         raise DataError(
             f"{path}: the {kind} file is truncated or corrupt ({type(exc).__name__}: {exc}); re-create or re-download it"
         ) from None
 
 
-def _decode(path: Path, encoding: str = "utf-8") -> str:
-    """The file's text: decompressed by suffix, a BOM wins over `encoding`, every undecodable byte an error."""
-    raw = _decompressed(path)
-    shown = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
-    bom = next((name for mark, name in BOMS if raw.startswith(mark)), None)
-    codec = bom or ("utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding)
-    if bom is None and b"\x00" in raw and codecs.lookup(codec).name not in ("utf-16", "utf-32"):
-        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{line}: a NUL byte, so this is not {shown} text (a binary file, or UTF-16 without a BOM?); "
-            "save it as UTF-8 or set data.encoding"
-        )
+def _text_lines(path: Path, encoding: str = "utf-8", keepends: bool = False) -> Iterator[tuple[int, str]]:
+    """(line number, line) of the file's text, streamed: a BOM wins over `encoding`, every undecodable byte and
+    every NUL byte (a binary or UTF-16 file read as 8-bit text) is an error naming the line. Lines split on \\n only:
+    str.splitlines would also break on characters that can sit inside a review."""
+    chunks = _chunks(path)
+    first = next(chunks, b"")
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    shown = "UTF-8" if utf8 else encoding
+    bom = next((name for mark, name in BOMS if first.startswith(mark)), None)
+    codec = bom or ("utf-8-sig" if utf8 else encoding)
+    wide = codecs.lookup(codec).name.startswith(("utf-16", "utf-32"))
+    decoder = codecs.getincrementaldecoder(codec)()
+    number, carry = 1, ""
+    for chunk in itertools.chain([first], chunks):
+        if not wide and b"\x00" in chunk:
+            line = number + chunk[: chunk.index(b"\x00")].count(b"\n")
+            raise DataError(
+                f"{path}:{line}: a NUL byte, so this is not {shown} text (a binary file, or UTF-16 without a BOM?); "
+                "save it as UTF-8 or set data.encoding"
+            )
+        try:
+            text = carry + decoder.decode(chunk)
+        except UnicodeDecodeError as exc:
+            line = number + chunk[: max(0, exc.start)].count(b"\n")
+            raise DataError(
+                f"{path}:{line}: bytes that are not {shown} ({exc.object[exc.start : exc.start + 4]!r}); re-save the "
+                "file as UTF-8, or set data.encoding to its encoding (e.g. gbk, gb18030, latin-1, utf-16)"
+            ) from None
+        *complete, carry = text.split("\n")
+        for line in complete:
+            yield number, line + "\n" if keepends else line.removesuffix("\r")
+            number += 1
     try:
-        return raw.decode(codec)
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{line}: bytes that are not {shown} ({raw[exc.start : exc.start + 4]!r}); re-save the file "
-            "as UTF-8, or set data.encoding to its encoding (e.g. gbk, gb18030, latin-1, utf-16)"
-        ) from None
-
-
-def _lines(text: str) -> Iterator[tuple[int, str]]:
-    # Split on \n only: str.splitlines would also break on characters that can sit inside a review.
-    for number, line in enumerate(text.split("\n"), start=1):
-        yield number, line.removesuffix("\r")
+        carry += decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{number}: the file ends inside a {shown} character; re-save it") from None
+    yield number, carry if keepends else carry.removesuffix("\r")
 
 
 def _column_index(path: Path, header: list[str], column: str, key: str) -> int:
@@ -119,7 +139,7 @@ def _pick(fields: list[str], index: int | None) -> str | None:
 def read_tsv(
     path: Path, text_column: str, label_column: str, encoding: str = "utf-8", label_optional: bool = False
 ) -> Iterator[Row]:
-    lines = _lines(_decode(path, encoding))
+    lines = _text_lines(path, encoding)
     _, first = next(lines, (1, ""))
     header = first.split("\t")
     t = _column_index(path, header, text_column, "text_column")
@@ -139,7 +159,7 @@ def read_tsv(
 def read_csv(
     path: Path, text_column: str, label_column: str, encoding: str = "utf-8", label_optional: bool = False
 ) -> Iterator[Row]:
-    reader = csv.reader(io.StringIO(_decode(path, encoding), newline=""))
+    reader = csv.reader(line for _, line in _text_lines(path, encoding, keepends=True))
     header = next(reader, [])
     t = _column_index(path, header, text_column, "text_column")
     lab = _label_index(path, header, label_column, label_optional)
@@ -162,7 +182,7 @@ def read_csv(
 def read_jsonl(
     path: Path, text_column: str, label_column: str, encoding: str = "utf-8", label_optional: bool = False
 ) -> Iterator[Row]:
-    for number, line in _lines(_decode(path, encoding)):
+    for number, line in _text_lines(path, encoding):
         if not line.strip():
             continue
         try:
@@ -180,8 +200,9 @@ def read_jsonl(
 READERS = {"tsv": read_tsv, "csv": read_csv, "jsonl": read_jsonl}
 
 
-def read_dataset_split(cfg: DataConfig, split: str) -> tuple[list[Row], list[str] | None]:
-    """A split of a `datasets` folder or Hub dataset, plus its ClassLabel names when it has them."""
+def dataset_split(cfg: DataConfig, split: str) -> tuple[Iterator[Row], list[str] | None]:
+    """The rows of a split of a `datasets` folder or Hub dataset (streamed in batches from its Arrow files), plus
+    its ClassLabel names when it has them."""
     import datasets
 
     if cfg.format == "disk":
@@ -201,11 +222,15 @@ def read_dataset_split(cfg: DataConfig, split: str) -> tuple[list[Row], list[str
             )
     feature = ds.features[cfg.label_column]
     names = list(feature.names) if hasattr(feature, "names") else None
-    rows = [
-        Row(f"{cfg.path}[{split}] row {i}", text, label)
-        for i, (text, label) in enumerate(zip(ds[cfg.text_column], ds[cfg.label_column], strict=True))
-    ]
-    return rows, names
+
+    def rows() -> Iterator[Row]:
+        columns = ds.select_columns([cfg.text_column, cfg.label_column])
+        for start, batch in zip(itertools.count(0, 1000), columns.iter(batch_size=1000), strict=False):
+            pairs = zip(batch[cfg.text_column], batch[cfg.label_column], strict=True)
+            for i, (text, label) in enumerate(pairs, start=start):
+                yield Row(f"{cfg.path}[{split}] row {i}", text, label)
+
+    return rows(), names
 
 
 # ---------------------------------------------------------------------------------------------- checking
@@ -238,12 +263,13 @@ class LabelMap:
         self._ids = {name: i for i, name in enumerate(names)}
 
     @classmethod
-    def infer(cls, declared: list[str] | None, train: list[Row], feature_names: list[str] | None) -> LabelMap:
+    def infer(cls, declared: list[str] | None, raw: list[Any], feature_names: list[str] | None) -> LabelMap:
+        """The label names: declared, else the dataset's ClassLabel names, else from the training split's raw
+        labels (`raw`: each distinct value once)."""
         if declared is not None:
             return cls(list(declared), by_int=True)
         if feature_names is not None:
             return cls(feature_names, by_int=True)
-        raw = [row.label for row in train]
         ints = [_as_int(v) for v in raw]
         if all(i is not None for i in ints):
             # Integer labels keep their values as names, so 0/1 stay "0"/"1" and ids follow sorted order.
@@ -270,116 +296,217 @@ class LabelMap:
         )
 
 
-def _dedupe(splits: dict[str, list[Row]]) -> dict[str, list[Row]]:
-    """Keep the first copy of each text; drop every copy of a text that carries two different labels."""
-    seen: dict[str, Any] = {}
-    conflicting: set[str] = set()
-    for rows in splits.values():
-        for row in rows:
-            key = row.text.strip()
-            if key in seen and str(seen[key]) != str(row.label):
-                conflicting.add(key)
-            seen.setdefault(key, row.label)
-    kept: set[str] = set()
-    out: dict[str, list[Row]] = {}
-    # Earlier splits win, so a test text that also sits in train is removed from test (no leakage).
-    for split in SPLITS:
-        out[split] = []
-        for row in splits.get(split, []):
-            key = row.text.strip()
-            if key in conflicting or key in kept:
-                continue
-            kept.add(key)
-            out[split].append(row)
-    return {s: rows for s, rows in out.items() if s in splits}
-
-
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (rest, carved): `fraction` of each class carved out, with a fixed seed."""
+    """Indices (rest, carved), each sorted: `fraction` of each class carved out, with a fixed seed."""
     rng = np.random.default_rng(seed)
-    carved: list[int] = []
+    carved = np.zeros(len(labels), dtype=bool)
     for label in np.unique(labels):
         idx = np.flatnonzero(labels == label)
         rng.shuffle(idx)
-        carved.extend(idx[: max(1, round(len(idx) * fraction))].tolist())
-    carved_arr = np.array(sorted(carved), dtype=int)
-    rest = np.setdiff1d(np.arange(len(labels)), carved_arr)
-    return rest, carved_arr
+        carved[idx[: max(1, round(len(idx) * fraction))]] = True
+    return np.flatnonzero(~carved), np.flatnonzero(carved)
 
 
-def read_all(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, list[int]], list[str]]:
-    """Every split's texts and label ids, checked row by row, plus the label names."""
-    feature_names = None
-    rows: dict[str, list[Row]] = {}
-    for split in SPLITS:
-        source = getattr(cfg, split)
-        if source is None:
-            continue
-        if cfg.format in READERS:
-            rows[split] = list(READERS[cfg.format](Path(source), cfg.text_column, cfg.label_column, cfg.encoding))
-        else:
-            rows[split], names = read_dataset_split(cfg, source)
-            feature_names = feature_names or names
+def _source_rows(cfg: DataConfig, split: str) -> tuple[Iterator[Row], list[str] | None]:
+    """A split's rows, streamed, without the rows whose label `drop_labels` names; the texts checked."""
+    source = getattr(cfg, split)
+    if cfg.format in READERS:
+        rows, names = READERS[cfg.format](Path(source), cfg.text_column, cfg.label_column, cfg.encoding), None
+    else:
+        rows, names = dataset_split(cfg, source)
     drop = {str(label) for label in cfg.drop_labels}
-    rows = {s: [r for r in rs if str(r.label).strip() not in drop] for s, rs in rows.items()}
-    for split_rows in rows.values():
-        for row in split_rows:
-            check_text(row, cfg.text_column)
+
+    def kept() -> Iterator[Row]:
+        for row in rows:
+            if str(row.label).strip() not in drop:
+                check_text(row, cfg.text_column)
+                yield row
+
+    return kept(), names
+
+
+def _label_map(cfg: DataConfig) -> LabelMap:
+    """Declared names, else the dataset's ClassLabel names, else the training split's labels (one streamed pass)."""
+    rows, feature_names = _source_rows(cfg, "train")
+    if cfg.labels is not None or feature_names is not None:
+        return LabelMap.infer(cfg.labels, [], feature_names)
+    distinct: dict[tuple[str, str], Any] = {}
+    for row in rows:
+        distinct.setdefault((type(row.label).__name__, str(row.label)), row.label)
+    return LabelMap.infer(None, list(distinct.values()), None)
+
+
+@dataclass
+class _Written:
+    """A split streamed into an Arrow file: its label ids and a 64-bit hash of each stripped text (for dedupe),
+    8 bytes each per row in memory whatever the texts' length."""
+
+    path: Path
+    labels: np.ndarray
+    keys: np.ndarray
+
+
+def _text_key(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.strip().encode(), digest_size=8).digest(), "little")
+
+
+def _write_split(rows: Iterator[Row], label_map: LabelMap, cfg: DataConfig, path: Path, features) -> _Written:
+    import pyarrow as pa
+
+    labels, keys = array("q"), array("Q")
+    schema = features.arrow_schema
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        while batch := list(itertools.islice(rows, WRITE_BATCH)):
+            ids = [label_map.id_of(row, cfg.label_column) for row in batch]
+            texts = [row.text for row in batch]
+            columns = [pa.array(texts, pa.string()), pa.array(ids, pa.int64())]
+            writer.write_batch(pa.record_batch(columns, schema=schema))
+            labels.extend(ids)
+            if cfg.dedupe:
+                keys.extend(_text_key(text) for text in texts)
+    return _Written(path, np.frombuffer(labels, dtype=np.int64), np.frombuffer(keys, dtype=np.uint64))
+
+
+def _dedupe(written: dict[str, _Written]) -> dict[str, np.ndarray]:
+    """Row indices to keep per split: the first copy of each text (earlier splits win, so a test text that also sits
+    in train leaves test: no leakage); every copy of a text that carries two different labels goes."""
+    order = [s for s in SPLITS if s in written]
+    keys = np.concatenate([written[s].keys for s in order])
+    labels = np.concatenate([written[s].labels for s in order])
+    unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    lowest = np.full(len(unique), np.iinfo(np.int64).max)
+    highest = np.full(len(unique), np.iinfo(np.int64).min)
+    np.minimum.at(lowest, inverse, labels)
+    np.maximum.at(highest, inverse, labels)
+    keep = np.zeros(len(keys), dtype=bool)
+    keep[first[lowest == highest]] = True
+    bounds = np.cumsum([0] + [len(written[s].keys) for s in order])
+    return {s: np.flatnonzero(keep[bounds[i] : bounds[i + 1]]) for i, s in enumerate(order)}
+
+
+def _build(cfg: DataConfig, work: Path) -> tuple[dict[str, Any], list[str]]:
+    """Every split as a memory-mapped `datasets.Dataset` (text, label id), checked row by row while it streams into
+    Arrow, then deduplicated, carved and subsampled by index; plus the label names."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    label_map = _label_map(cfg)
+    features = Features({"text": Value("string"), "label": ClassLabel(names=label_map.names)})
+    written = {}
+    for split in SPLITS:
+        if getattr(cfg, split) is not None:
+            rows, _ = _source_rows(cfg, split)
+            written[split] = _write_split(rows, label_map, cfg, work / f"{split}.arrow", features)
+    source = {s: written[s].path for s in written}
     if cfg.dedupe:
-        rows = _dedupe(rows)
-    if not rows["train"]:
+        keep = _dedupe(written)
+        labels = {s: written[s].labels[keep[s]] for s in written}
+    else:
+        keep = {s: np.arange(len(w.labels)) for s, w in written.items()}
+        labels = {s: w.labels for s, w in written.items()}
+    del written
+    if not len(keep["train"]):
         raise DataError(f"{cfg.train}: no training examples left (after drop_labels/dedupe)")
-    label_map = LabelMap.infer(cfg.labels, rows["train"], feature_names)
-    texts = {s: [r.text for r in rs] for s, rs in rows.items()}
-    labels = {s: [label_map.id_of(r, cfg.label_column) for r in rs] for s, rs in rows.items()}
-    _carve_missing_splits(texts, labels, cfg)
-    _subsample(texts, labels, cfg)
-    if len(set(labels["train"])) < 2:
+    _carve_missing_splits(keep, labels, source, cfg)
+    _subsample(keep, labels, cfg)
+    if len(np.unique(labels["train"])) < 2:
         raise DataError(f"{cfg.train}: the training split has a single class; a classifier needs two or more")
-    return texts, labels, label_map.names
+    del labels
+    datasets = {s: Dataset.from_file(str(_take(source[s], keep[s], work / f"{s}.final.arrow"))) for s in SPLITS}
+    return datasets, label_map.names
 
 
-def _carve_missing_splits(texts: dict, labels: dict, cfg: DataConfig) -> None:
+def _take(source: Path, indices: np.ndarray, dest: Path) -> Path:
+    """The rows `indices` (sorted) of an Arrow stream file, copied a record batch at a time into `dest`.
+    (datasets' `select` builds its index mapping in memory, and Arrow's `take` on a whole table joins its chunks.)"""
+    import pyarrow as pa
+
+    with (
+        pa.memory_map(str(source)) as mapped,
+        pa.ipc.open_stream(mapped) as reader,
+        pa.OSFile(str(dest), "wb") as sink,
+        pa.ipc.new_stream(sink, reader.schema) as writer,
+    ):
+        offset = 0
+        for batch in reader:
+            lo, hi = np.searchsorted(indices, [offset, offset + batch.num_rows])
+            if hi > lo:
+                writer.write_batch(batch.take(pa.array(indices[lo:hi] - offset)))
+            offset += batch.num_rows
+    return dest
+
+
+def _carve_missing_splits(keep: dict, labels: dict, source: dict, cfg: DataConfig) -> None:
     # Fractions are of the whole pool: once test is carved, validation's share of what is left is larger.
-    test_carved = "test" not in texts
+    test_carved = "test" not in keep
     for split in ("test", "validation"):
-        if split in texts:
+        if split in keep:
             continue
-        y = np.array(labels["train"])
         fraction = getattr(cfg.split, split)
         if split == "validation" and test_carved:
             fraction = fraction / (1 - cfg.split.test)
-        rest, carved = stratified_split(y, fraction, cfg.split.seed)
-        for store in (texts, labels):
-            store[split] = [store["train"][i] for i in carved]
-            store["train"] = [store["train"][i] for i in rest]
+        rest, carved = stratified_split(labels["train"], fraction, cfg.split.seed)
+        source[split] = source["train"]
+        for store in (keep, labels):
+            store[split], store["train"] = store["train"][carved], store["train"][rest]
 
 
-def _subsample(texts: dict, labels: dict, cfg: DataConfig) -> None:
+def _subsample(keep: dict, labels: dict, cfg: DataConfig) -> None:
     for split, limit in cfg.max_samples.items():
-        if len(texts[split]) <= limit:
+        if len(keep[split]) <= limit:
             continue
-        _, keep = stratified_split(np.array(labels[split]), limit / len(texts[split]), cfg.split.seed)
-        keep = keep[:limit]
-        texts[split] = [texts[split][i] for i in keep]
-        labels[split] = [labels[split][i] for i in keep]
+        _, chosen = stratified_split(labels[split], limit / len(keep[split]), cfg.split.seed)
+        chosen = chosen[:limit]
+        keep[split], labels[split] = keep[split][chosen], labels[split][chosen]
+
+
+def read_all(cfg: DataConfig) -> tuple[dict[str, list[str]], dict[str, list[int]], list[str]]:
+    """Every split's texts and label ids as lists, checked row by row, plus the label names (for small data and
+    tests; a run keeps them on disk: `prepare_data`)."""
+    with tempfile.TemporaryDirectory() as work:
+        splits, names = _build(cfg, Path(work))
+        texts = {s: list(ds["text"]) for s, ds in splits.items()}
+        labels = {s: list(ds["label"]) for s, ds in splits.items()}
+        del splits
+    return texts, labels, names
 
 
 # ---------------------------------------------------------------------------------------------- the run's copy
 
 
-def data_fingerprint(cfg: DataConfig) -> str:
+def _file_digest(path: Path, known: dict) -> dict:
+    """The file's sha256, streamed; reused from `known` (an earlier run's record) while its size, modification
+    time and inode are unchanged, so an unchanged corpus is not read again to learn that it is unchanged."""
+    stat = path.stat()
+    record = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    previous = known.get(record["path"], {})
+    if {k: previous.get(k) for k in ("size", "mtime_ns", "inode")} == {
+        k: record[k] for k in ("size", "mtime_ns", "inode")
+    }:
+        return previous
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return {**record, "sha256": digest.hexdigest()}
+
+
+def data_fingerprint(cfg: DataConfig, known: dict | None = None) -> tuple[str, dict]:
+    """A digest of the data options and the input files' bytes, and the per-file records that let the next call
+    skip re-reading unchanged files."""
     # The default encoding is left out so that runs made before `encoding` existed keep their data.
     digest = hashlib.sha256(cfg.model_dump_json(exclude={"encoding"} if cfg.encoding == "utf-8" else None).encode())
+    files = {}
     if cfg.format in READERS:
         for split in SPLITS:
             source = getattr(cfg, split)
             if source is not None:
-                digest.update(hashlib.sha256(Path(source).read_bytes()).digest())
+                record = _file_digest(Path(source), known or {})
+                files[record["path"]] = record
+                digest.update(bytes.fromhex(record["sha256"]))
     elif cfg.format == "disk":
         for state in sorted(Path(cfg.path).rglob("state.json")):
             digest.update(state.read_bytes())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:16], files
 
 
 @dataclass
@@ -393,11 +520,18 @@ class PreparedData:
 
         return datasets.load_from_disk(str(self.path / "dataset"))
 
-    def texts(self, split: str) -> list[str]:
-        return self.load()[split]["text"]
+    def texts(self, split: str, limit: int | None = None) -> list[str]:
+        """A split's texts (the first `limit`), as a list: for evaluation-sized splits and samples."""
+        ds = self.load()[split]
+        if limit is not None and limit < len(ds):
+            ds = ds.select(range(limit))
+        return list(ds["text"])
+
+    def count(self, split: str) -> int:
+        return len(self.load()[split])
 
     def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self.load()[split]["label"])
+        return self.load()[split].with_format("numpy")["label"][:]
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -416,26 +550,28 @@ class PreparedData:
 
 
 def prepare_data(cfg: DataConfig, run_dir: Path) -> PreparedData:
-    """Read and check the recipe's data once per run folder; later calls reuse the saved copy."""
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+    """Read and check the recipe's data once per run folder, streaming it into memory-mapped Arrow files (a corpus
+    larger than memory fits); later calls reuse the saved copy."""
+    from datasets import DatasetDict
 
-    fingerprint = data_fingerprint(cfg)
     folder = run_dir / "data"
     meta_file = folder / "meta.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta["fingerprint"] == fingerprint:
-            return PreparedData(folder, meta["label_names"], fingerprint)
-    texts, labels, names = read_all(cfg)
-    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
-    dsd = DatasetDict({s: Dataset.from_dict({"text": texts[s], "label": labels[s]}, features=features) for s in SPLITS})
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    fingerprint, files = data_fingerprint(cfg, meta.get("files"))
+    if meta.get("fingerprint") == fingerprint:
+        if files != meta.get("files", {}):  # same bytes, touched files: remember the new stamps
+            meta_file.write_text(json.dumps({**meta, "files": files}, indent=2))
+        return PreparedData(folder, meta["label_names"], fingerprint)
     partial = run_dir / "data.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    dsd.save_to_disk(str(partial / "dataset"))  # small: a progress bar here is noise
-    counts = {s: len(texts[s]) for s in SPLITS}
-    (partial / "meta.json").write_text(
-        json.dumps({"fingerprint": fingerprint, "label_names": names, "counts": counts}, indent=2)
-    )
+    (partial / "work").mkdir(parents=True)
+    splits, names = _build(cfg, partial / "work")
+    DatasetDict(splits).save_to_disk(str(partial / "dataset"))
+    counts = {s: len(ds) for s, ds in splits.items()}
+    del splits
+    shutil.rmtree(partial / "work")
+    meta = {"fingerprint": fingerprint, "label_names": names, "counts": counts, "files": files}
+    (partial / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return PreparedData(folder, names, fingerprint)

@@ -128,22 +128,40 @@ def evaluate_artifact(
     logits_file: Path,
     reference_logits: np.ndarray | None = None,
     device: str = "cpu",
+    logits: np.ndarray | None = None,
 ) -> dict[str, Any]:
+    """Quality, parity, speed and size of `artifact`; `logits`: the evaluation split's, already computed (gathered
+    from several processes), else computed here."""
     import torch
 
     # The speed settings' thread count is for measuring; training stages after this one keep their own.
     threads = torch.get_num_threads()
     try:
-        return _evaluate(artifact, data, cfg, max_length, logits_file, reference_logits, device)
+        return _evaluate(artifact, data, cfg, max_length, logits_file, reference_logits, device, logits)
     finally:
         torch.set_num_threads(threads)
 
 
-def _evaluate(artifact, data, cfg, max_length, logits_file, reference_logits, device) -> dict[str, Any]:
+def logits_of(artifact: Artifact, texts: list[str], cfg: EvaluateConfig, max_length: int, device: str) -> np.ndarray:
+    """The logits of `texts` through the service's runtime (one process's share of the evaluation split)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        predictor = load_model(artifact.path, artifact.format, max_length, cfg.speed.threads, device)
+        return predictor.logits_batched(texts, cfg.batch_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(artifact, data, cfg, max_length, logits_file, reference_logits, device, logits) -> dict[str, Any]:
     # The service's own runtime: the figures below are those of the path a served request takes.
     predictor = load_model(artifact.path, artifact.format, max_length, cfg.speed.threads, device)
     texts = data.texts(cfg.split)
-    logits = predictor.logits_batched(texts, cfg.batch_size)
+    if logits is None:
+        logits = predictor.logits_batched(texts, cfg.batch_size)
+    elif len(logits) != len(texts):
+        raise ValueError(f"gathered logits for {len(logits)} texts, the {cfg.split} split has {len(texts)}")
     np.save(logits_file, logits)
     scores = classification_metrics(logits.argmax(-1), data.labels(cfg.split), data.label_names)
     result: dict[str, Any] = {"split": cfg.split, "n": len(texts)}

@@ -108,7 +108,7 @@ class Manifest:
                     "fingerprint": data.fingerprint,
                     "path": str(data.path),
                     "label_names": data.label_names,
-                    "counts": {s: len(data.texts(s)) for s in ("train", "validation", "test")},
+                    "counts": {s: data.count(s) for s in ("train", "validation", "test")},
                     "label_counts": {
                         s: np.bincount(data.labels(s), minlength=len(data.label_names)).tolist()
                         for s in ("train", "validation", "test")

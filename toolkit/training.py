@@ -169,13 +169,13 @@ def fit(
     eval_dl: DataLoader,
     opts: LoopOptions,
     label_names: list[str],
-    save: Callable[[torch.nn.Module], None],
+    save: Callable[[torch.nn.Module, dict], None],
     loss_fn: LossFn = classifier_loss,
     logits_fn: LogitsFn = classifier_logits,
     desc: str = "train",
 ) -> dict[str, Any]:
-    """Train for `opts.epochs`, evaluating on `eval_dl` after each epoch; `save(unwrapped_model)` runs on the
-    main process for every new best. Distillation passes a module whose forward returns the loss, with
+    """Train for `opts.epochs`, evaluating on `eval_dl` after each epoch; `save(unwrapped_model, state_dict)` runs on
+    the main process for every new best, with the full state dict (gathered on every process first). Distillation passes a module whose forward returns the loss, with
     `loss_fn`/`logits_fn` to match; every trainable parameter of `model` is optimised."""
     # Counted on the un-prepared loader: the prepared scheduler steps once per process per optimizer step.
     steps = math.ceil(len(train_dl) / opts.gradient_accumulation_steps) * opts.epochs
@@ -206,8 +206,10 @@ def fit(
         )
         if row[opts.metric_for_best] > best:
             best = row[opts.metric_for_best]
+            # On every process: under FSDP this gathers the full weights from the shards (Accelerate's path).
+            state_dict = accelerator.get_state_dict(model)
             if accelerator.is_main_process:
-                save(accelerator.unwrap_model(model))
+                save(accelerator.unwrap_model(model), state_dict)
         accelerator.wait_for_everyone()
     return {
         "history": history,
@@ -219,6 +221,10 @@ def fit(
     }
 
 
-def save_pretrained(model, tokenizer, out_dir: Path) -> None:
-    model.save_pretrained(out_dir, safe_serialization=True)
+def save_pretrained(model, tokenizer, out_dir: Path, state_dict: dict | None = None, prefix: str = "") -> None:
+    """`model` with `tokenizer`; `state_dict` (Accelerate's, keys under `prefix` when `model` is part of the
+    trained module) instead of the model's own tensors, which under FSDP are shards."""
+    if state_dict is not None:
+        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

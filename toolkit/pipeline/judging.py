@@ -1,10 +1,13 @@
 """After a model stage: measure its model (quality, parity with its input, speed, size) and judge its parity
-gate. Both run on the main process; every process learns the verdict."""
+gate. Under several processes each computes the logits of its share of the evaluation split; the main process
+gathers them, scores them and times the model alone (timing beside other processes would measure them too);
+every process learns the verdict."""
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -26,21 +29,57 @@ class Judge:
         self.forced = forced  # stages whose figures are measured again even when up to date
 
     def evaluate(self, name: str, artifact: Artifact, data: PreparedData) -> None:
-        outcome = self.sync.run(lambda: self._evaluate_on_main(name, artifact, data))
+        processes = self.sync.num_processes
+        if processes > 1 and self.sync.decide(lambda: self._needs_evaluation(name)):
+            self._check(name, self.sync.run(lambda: self._logits_share(artifact, data, processes), everywhere=True))
+        self._check(name, self.sync.run(lambda: self._evaluate_on_main(name, artifact, data, processes)))
+
+    @staticmethod
+    def _check(name: str, outcome) -> None:
         if outcome.error is not None:
             raise outcome.error
         if outcome.failed:
-            raise StageError(f"evaluating {name!r} failed on the main process: {outcome.failure}")
+            raise StageError(f"evaluating {name!r} failed: {outcome.failure}")
 
-    def _evaluate_on_main(self, name: str, artifact: Artifact, data: PreparedData) -> None:
+    def _eval_fingerprint(self, name: str) -> str:
+        recipe = self.recipe
+        return fingerprint(
+            self.manifest.stage(name)["fingerprint"], recipe.evaluate.model_dump(), recipe.model.max_length
+        )
+
+    def _needs_evaluation(self, name: str) -> bool:
+        entry = self.manifest.stage(name)
+        logits_file = self.manifest.run_dir / "evals" / f"{name}.logits.npy"
+        fresh = entry.get("eval_fingerprint") == self._eval_fingerprint(name) and logits_file.is_file()
+        return not fresh or name in self.forced
+
+    def _share_file(self, rank: int) -> Path:
+        return self.manifest.run_dir / "evals" / f"share-{rank}.logits.npy"
+
+    def _logits_share(self, artifact: Artifact, data: PreparedData, processes: int) -> None:
+        """This process's contiguous share of the evaluation split's logits, saved for the main process."""
+        from toolkit.evaluation import logits_of
+
+        rank, cfg = self.sync.rank, self.recipe.evaluate
+        texts = data.texts(cfg.split)
+        lo, hi = np.linspace(0, len(texts), processes + 1).astype(int)[rank : rank + 2]
+        logits = logits_of(artifact, texts[lo:hi], cfg, self.recipe.model.max_length, self.recipe.device)
+        self._share_file(rank).parent.mkdir(exist_ok=True)
+        np.save(self._share_file(rank), logits)
+
+    def _evaluate_on_main(self, name: str, artifact: Artifact, data: PreparedData, processes: int) -> None:
         from toolkit.evaluation import evaluate_artifact
 
         recipe, entry = self.recipe, self.manifest.stage(name)
-        eval_fp = fingerprint(entry["fingerprint"], recipe.evaluate.model_dump(), recipe.model.max_length)
+        eval_fp = self._eval_fingerprint(name)
         evals = self.manifest.run_dir / "evals"
         logits_file = evals / f"{name}.logits.npy"
-        if entry.get("eval_fingerprint") == eval_fp and logits_file.is_file() and name not in self.forced:
+        if not self._needs_evaluation(name):
             return
+        shares = [self._share_file(rank) for rank in range(processes)] if processes > 1 else []
+        gathered = np.concatenate([np.load(share) for share in shares]) if shares else None
+        for share in shares:
+            share.unlink()
         log.info(f"  evaluating {name} on the {recipe.evaluate.split} split")
         evals.mkdir(exist_ok=True)
         # The stage's own record of its input: an export may have read an earlier model than the last one.
@@ -54,8 +93,10 @@ class Judge:
             logits_file,
             np.load(reference) if reference.is_file() else None,
             device=recipe.device,
+            logits=gathered,
         )
         seconds = round(time.perf_counter() - start, 2)
+        result["logits_processes"] = processes if shares else 1
         self.manifest.update(name, {"evaluation": result, "eval_fingerprint": eval_fp, "eval_seconds": seconds})
 
     def time_finalists(self, names: list[str], data: PreparedData) -> dict[str, dict]:

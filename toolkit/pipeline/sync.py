@@ -31,6 +31,14 @@ class Sync:
     def is_main(self) -> bool:
         return self.state.is_main_process
 
+    @property
+    def rank(self) -> int:
+        return self.state.process_index
+
+    @property
+    def num_processes(self) -> int:
+        return self.state.num_processes
+
     def wait(self) -> None:
         self.state.wait_for_everyone()
 
@@ -48,9 +56,24 @@ class Sync:
             error = exc
         return Outcome(result, error, self._first_failure(error))
 
+    def decide(self, step: Callable[[], T]) -> T:
+        """`step`'s value, computed on the main process and sent to every process (so that they all take the
+        same branch, whatever each one's copy of the manifest says)."""
+        outcome = self.run(step)
+        if outcome.error is not None:
+            raise outcome.error
+        if outcome.failed:
+            raise RuntimeError(f"the main process failed: {outcome.failure}")
+        value = [outcome.result]
+        if self.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(value)
+        return value[0]
+
     def _first_failure(self, error: Exception | None) -> str | None:
         mine = f"{type(error).__name__}: {error}" if error is not None else None
-        if self.state.num_processes == 1:
+        if self.num_processes == 1:
             return mine
         from accelerate.utils import gather_object
 

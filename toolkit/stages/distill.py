@@ -28,7 +28,7 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
         eval_dl,
         cfg,
         ctx.data.label_names,
-        save=lambda best: save_pretrained(best.student, tokenizer, ctx.out_dir),
+        save=lambda best, state: save_pretrained(best.student, tokenizer, ctx.out_dir, state, prefix="student."),
         loss_fn=lambda model, batch: model(batch),
         logits_fn=lambda model, inputs: accelerator.unwrap_model(model).student(**inputs).logits,
         desc=cfg.name,

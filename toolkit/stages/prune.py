@@ -55,7 +55,7 @@ def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
             eval_dl,
             opts,
             ctx.data.label_names,
-            save=lambda best: save_pretrained(best, tokenizer, ctx.out_dir),
+            save=lambda best, state: save_pretrained(best, tokenizer, ctx.out_dir, state),
             desc=f"{cfg.name} recovery",
         )
     elif accelerator.is_main_process:

@@ -106,7 +106,7 @@ def calibrate(quantizer, qconfig, cfg: QuantizeConfig, ctx: StageContext, source
 
     if ctx.data is None:
         raise ValueError("static quantization calibrates on the run's training texts; this context has no data")
-    texts = ctx.data.texts("train")[: cfg.calibration_samples]
+    texts = ctx.data.texts("train", limit=cfg.calibration_samples)
     encoded = Tokenizer(source, ctx.max_length)(texts)
     dataset = Dataset.from_dict({name: array.tolist() for name, array in encoded.items()})
     method = {

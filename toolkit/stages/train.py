@@ -31,7 +31,7 @@ def run(cfg: TrainConfig, ctx: StageContext) -> StageResult:
         eval_dl,
         cfg,
         labels,
-        save=lambda best: save_pretrained(best, setup.tokenizer, ctx.out_dir),
+        save=lambda best, state: save_pretrained(best, setup.tokenizer, ctx.out_dir, state),
         desc=cfg.name,
     )
     return StageResult(Artifact(ctx.out_dir, "pytorch", cfg.name), info)
