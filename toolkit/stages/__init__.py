@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from toolkit.config import STAGE_CONFIGS, StageBase
-from toolkit.stages import distill, export, optimize, package, prune, push, quantize, train, trim_vocab
+from toolkit.stages import distill, export, openvino, optimize, package, prune, push, quantize, train, trim_vocab
 from toolkit.stages.base import Artifact, ModelRef, Selection, StageContext, StageResult
 
 
@@ -36,6 +36,7 @@ REGISTRY: dict[str, Stage] = {
     "export": Stage(STAGE_CONFIGS["export"], export.run),
     "optimize": Stage(STAGE_CONFIGS["optimize"], optimize.run),
     "quantize": Stage(STAGE_CONFIGS["quantize"], quantize.run),
+    "openvino": Stage(STAGE_CONFIGS["openvino"], openvino.run),
     "package": Stage(STAGE_CONFIGS["package"], package.run, after_selection=True, still_there=package.still_stored),
     "push": Stage(STAGE_CONFIGS["push"], push.run, after_selection=True),
 }

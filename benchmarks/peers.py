@@ -1,0 +1,109 @@
+"""The same student on every backend this machine has, and the teacher, side by side.
+
+    python benchmarks/peers.py runs/full [--threads 2] [--rounds 5] [--json rows.json]
+
+RUN_DIR is a finished run of `recipes/full.yaml` (train ... distill, export, optimize, quantize). Rows: the PyTorch
+teacher (`train`), the student (`distill`) as PyTorch FP32, ONNX Runtime FP32 (`export`) and optimized FP32
+(`optimize`), ORT dynamic INT8 (the run's `quantize`), ORT static INT8 (per-channel minmax, made here by the
+`quantize` stage from `optimize`), OpenVINO FP32 and NNCF INT8 (made here by the `openvino` stage from
+`export`, or the run's own when it has them). Accuracy and agreement with the student's FP32 graph on the test
+split; batch-1 p50 and batch-32 throughput timed side by side (each model in turn, round after round), with
+tokenisation, through `toolkit.runtime`, the service's path. One table, labelled with the CPU model and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from toolkit.config import OpenVinoConfig, QuantizeConfig, SpeedConfig  # noqa: E402
+from toolkit.data import PreparedData  # noqa: E402
+from toolkit.evaluation import side_by_side  # noqa: E402
+from toolkit.manifest import Artifact, Manifest  # noqa: E402
+from toolkit.runtime import cpu_model, load_model  # noqa: E402
+from toolkit.stages import openvino, quantize  # noqa: E402
+from toolkit.stages.base import StageContext  # noqa: E402
+
+
+def stage_path(manifest: Manifest, name: str) -> Path | None:
+    entry = manifest.stage(name) or {}
+    return Path(entry["output"]["path"]) if entry.get("status") == "done" else None
+
+
+def made_here(kind: str, cfg, source: Path, data: PreparedData, max_length: int, tmp: Path) -> Path:
+    out = tmp / kind
+    out.mkdir()
+    ctx = StageContext(run_dir=tmp, out_dir=out, source=Artifact(source, "onnx", source.name), data=data,
+                       device="cpu", max_length=max_length)  # fmt: skip
+    (quantize if kind.startswith("ort") else openvino).run(cfg, ctx)
+    return out
+
+
+def models_of(run: Path, manifest: Manifest, data: PreparedData, max_length: int, tmp: Path) -> list[tuple]:
+    """(row name, folder, format) for every row the run and this machine can give."""
+    rows = [("teacher, PyTorch FP32", stage_path(manifest, "train"), "pytorch"),
+            ("student, PyTorch FP32", stage_path(manifest, "distill"), "pytorch"),
+            ("student, ORT FP32", stage_path(manifest, "export"), "onnx"),
+            ("student, ORT FP32 optimized", stage_path(manifest, "optimize"), "onnx"),
+            ("student, ORT dynamic INT8 (the run's)", stage_path(manifest, "quantize"), "onnx")]  # fmt: skip
+    optimized, exported = stage_path(manifest, "optimize"), stage_path(manifest, "export")
+    static = QuantizeConfig(type="quantize", mode="static", per_channel=True)
+    rows.append(("student, ORT static INT8", made_here("ort-static", static, optimized, data, max_length, tmp), "onnx"))
+    for quant, label in (("none", "FP32"), ("int8", "NNCF INT8")):
+        cfg = OpenVinoConfig(type="openvino", quantize=quant)
+        rows.append((f"student, OpenVINO {label}", made_here(f"ov-{quant}", cfg, exported, data, max_length, tmp),
+                     "openvino"))  # fmt: skip
+    return [row for row in rows if row[1] is not None]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    manifest = Manifest.load(args.run)
+    data = PreparedData(args.run / "data", manifest.data["data"]["label_names"], manifest.data["data"]["fingerprint"])
+    max_length = int(manifest.data["recipe"]["model"]["max_length"])
+    texts, labels = data.texts("test"), data.labels("test")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = models_of(args.run, manifest, data, max_length, Path(tmp))
+        models = {name: load_model(path, fmt, max_length, args.threads, "cpu") for name, path, fmt in rows}
+        ids = {name: model.logits_batched(texts, 64).argmax(1) for name, model in models.items()}
+        speed = SpeedConfig(
+            threads=args.threads, latency_samples=300 * args.rounds, throughput_samples=1024 * args.rounds
+        )
+        timing = side_by_side({name: model.logits for name, model in models.items()}, texts, speed, args.rounds)
+    reference, teacher = ids["student, ORT FP32"], timing["teacher, PyTorch FP32"]
+    print(f"CPU: {cpu_model()}, {datetime.date.today()}, {args.threads} threads, {len(texts)} test texts, "
+          f"{args.rounds} rounds side by side (run: {args.run})")  # fmt: skip
+    print(f"{'model':<40} {'accuracy':>8} {'agree FP32':>10} {'b1 p50 ms':>9} {'b32 /s':>7} {'x b1':>6} {'x b32':>6}")
+    out = []
+    for name in models:
+        t = timing[name]
+        row = {"model": name, "accuracy": float(np.mean(ids[name] == labels)),
+               "agreement_fp32": float(np.mean(ids[name] == reference)), "latency_p50_ms": t["latency_p50_ms"],
+               "throughput_per_s": t["throughput_per_s"], "load": t["load"]}  # fmt: skip
+        out.append(row)
+        print(f"{name:<40} {row['accuracy']:>8.2%} {row['agreement_fp32']:>10.2%} {t['latency_p50_ms']:>9.2f} "
+              f"{t['throughput_per_s']:>7.0f} {teacher['latency_p50_ms'] / t['latency_p50_ms']:>6.1f} "
+              f"{t['throughput_per_s'] / teacher['throughput_per_s']:>6.1f}")  # fmt: skip
+    busy = [r["model"] for r in out if (r["load"] or {}).get("busy")]
+    print(f"load: {'BUSY during ' + ', '.join(busy) if busy else 'no other process took a core while timing'}")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"cpu": cpu_model(), "date": str(datetime.date.today()), "rows": out}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
