@@ -38,6 +38,8 @@ def tiny_family_model(family: str, folder: Path, bert_folder: Path) -> Path:
         DistilBertModel,
         ElectraConfig,
         ElectraModel,
+        ModernBertConfig,
+        ModernBertModel,
         MPNetConfig,
         MPNetModel,
         RobertaConfig,
@@ -46,8 +48,8 @@ def tiny_family_model(family: str, folder: Path, bert_folder: Path) -> Path:
         XLMRobertaModel,
     )
 
-    # DistilBERT and MPNet take no token_type_ids: their tokenizers return none.
-    no_types = family in ("distilbert", "mpnet")
+    # DistilBERT, MPNet and ModernBERT take no token_type_ids: their tokenizers return none.
+    no_types = family in ("distilbert", "mpnet", "modernbert")
     extra = {"model_input_names": ["input_ids", "attention_mask"]} if no_types else {}
     tokenizer = AutoTokenizer.from_pretrained(bert_folder, **extra)
     common = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -63,6 +65,12 @@ def tiny_family_model(family: str, folder: Path, bert_folder: Path) -> Path:
         model = DebertaV2Model(DebertaV2Config(max_position_embeddings=64, relative_attention=True,
                                                pos_att_type=["p2c", "c2p"], position_buckets=16, max_relative_positions=32,
                                                share_att_key=False, norm_rel_ebd="layer_norm", **common))  # fmt: skip
+    elif family == "modernbert":  # global attention every 2nd layer, local (window 8 < max_length 16) between
+        model = ModernBertModel(ModernBertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3,
+                                                 num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                                 global_attn_every_n_layers=2, local_attention=8, reference_compile=False,
+                                                 pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
+                                                 sep_token_id=tokenizer.sep_token_id))  # fmt: skip
     elif family == "mpnet":
         model = MPNetModel(MPNetConfig(max_position_embeddings=64 + tokenizer.pad_token_id + 1, **common))
     else:  # RoBERTa-style positions start after the pad id
@@ -92,9 +100,11 @@ def family_recipe(tiny_model, toy_recipe, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2", "mpnet"])
+@pytest.mark.parametrize(
+    "family", ["roberta", "xlm-roberta", "electra", "distilbert", "deberta-v2", "mpnet", "modernbert"]
+)
 def test_family_runs_prune_distill_and_the_onnx_stages_with_every_gate_passing(family, family_recipe):
-    ffn_only = family in ("mpnet", "deberta-v2")  # their stock configs cannot record fewer heads
+    ffn_only = family in ("mpnet", "deberta-v2", "modernbert")  # their stock configs cannot record fewer heads
     chain = [CHAIN[0], {**CHAIN[1], "heads_per_layer": None}, *CHAIN[2:]] if ffn_only else CHAIN
     path = family_recipe(family, chain)
     result = CliRunner().invoke(app, ["run", str(path)])
@@ -105,7 +115,7 @@ def test_family_runs_prune_distill_and_the_onnx_stages_with_every_gate_passing(f
     }
     for name in ("export", "optimize", "quantize"):
         assert stages[name]["gate"]["passed"], (name, stages[name]["gate"])
-    heads = [4, 4] if ffn_only else [2, 2]
+    heads = [4] * (3 if family == "modernbert" else 2) if ffn_only else [2, 2]
     assert stages["prune"]["info"]["heads_per_layer"] == heads and stages["distill"]["info"]["student_layers"] == 1
     assert stages["prune"]["info"]["ffn_size"] == 32
     fused = stages["optimize"]["info"]["fused_ops"]
@@ -140,7 +150,7 @@ def test_family_the_pruner_cannot_cut_fails_at_validation(family_recipe, tmp_pat
     assert load_recipe(path).stages[1].student.model == str(tiny_model)
 
 
-@pytest.mark.parametrize("family", ["mpnet", "deberta-v2"])
+@pytest.mark.parametrize("family", ["mpnet", "deberta-v2", "modernbert"])
 def test_head_pruning_a_config_cannot_record_is_refused_at_validation(family, family_recipe):
     path = family_recipe(family, CHAIN[:2])
     message = rf"prune cannot prune the heads of a model_type '{family}' model: .*set only ffn_size"
@@ -168,6 +178,45 @@ def test_deberta_ffn_pruning_and_layer_subset_reload_with_the_same_logits(tmp_pa
     ids = torch.randint(5, 100, (3, 12))
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_modernbert_gated_ffn_and_kind_keeping_layer_subset_reload_with_the_same_logits(tmp_path, tiny_model):
+    """ModernBERT: the gated FFN is cut in its value and gate halves alike; a layer subset must start at layer 0
+    and keep every layer global or local at its new index (the reloaded model decides both by index)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from toolkit import pruning
+
+    folder = tiny_family_model("modernbert", tmp_path / "modernbert", tiny_model)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
+    assert pruning.ffn_sizes(model) == [64] * 3
+    for layers, message in (([1, 2], "first layer kept must be layer 0"), ([0, 2], r"layers \[2\] would change kind")):
+        with pytest.raises(pruning.PruningError, match=message):
+            pruning.keep_layers(model, layers)
+    ids = torch.randint(5, 100, (3, 14))  # longer than the local window (8): local and global layers differ
+    pruning.keep_neurons(model, [list(range(0, 64, 2))] * 3)
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    pruning.keep_layers(model, [0, 1])
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pruned").eval()
+    assert pruning.ffn_sizes(reloaded) == [32, 32] and reloaded.config.num_hidden_layers == 2
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+        assert not torch.allclose(before, reloaded(input_ids=ids).logits)  # a layer was really removed
+
+
+def test_modernbert_student_layers_keep_their_kind_at_validation(family_recipe):
+    from toolkit.config import student_layers
+
+    assert student_layers(22, 3, 3) == [0, 14, 20]  # ModernBERT-base's 22 layers, global every 3rd
+    assert student_layers(6, 3) == [1, 3, 5]  # families whose layers are all alike: TinyBERT's spacing
+    distill = {**CHAIN[2], "student": {"layers": [0, 2]}}
+    with pytest.raises(RecipeError, match=r"student\.layers: layers are global every 2 layers .* \[2\] would change"):
+        load_recipe(family_recipe("modernbert", [CHAIN[0], distill]))
+    ok = {**CHAIN[2], "student": {"num_layers": 2}}
+    assert load_recipe(family_recipe("modernbert", [CHAIN[0], ok])).stages[1].student.num_layers == 2
 
 
 def xlmr_style_bert(folder: Path, corpus: list[str]) -> Path:

@@ -12,7 +12,7 @@ import torch
 from textbrewer import losses
 from torch import nn
 
-from toolkit.config import AugmentConfig, DistillConfig, spaced_layers
+from toolkit.config import AugmentConfig, DistillConfig, layer_period, spaced_layers, student_layers
 
 
 def _attn(cfg: DistillConfig) -> dict[str, str]:
@@ -38,7 +38,8 @@ def build_student(cfg: DistillConfig, current: Path | str, teacher, tokenizer):
     if spec.model is None:
         source = AutoModelForSequenceClassification.from_pretrained(current, **_attn(cfg))
         depth = source.config.num_hidden_layers
-        layers = spec.layers or spaced_layers(depth, spec.num_layers)
+        period = layer_period(source.config.to_dict())
+        layers = spec.layers or student_layers(depth, spec.num_layers, period)
         if max(layers) >= depth:
             raise ValueError(f"student layers {layers} do not exist in the {depth}-layer model")
         pruning.keep_layers(source, layers)

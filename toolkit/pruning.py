@@ -1,7 +1,8 @@
 """Structured pruning of encoders: importance scores, weight slicing, and the config that restores the pruned
 shapes in `from_pretrained`. One small `Layout` per family says where its attention and FFN projections live
 (BERT's layout also serves RoBERTa, XLM-R and ELECTRA; DistilBERT has its own; DeBERTa-v2/v3 and MPNet take
-BERT's shape, FFN and layers only, since their configs cannot record fewer heads).
+BERT's shape, FFN and layers only, since their configs cannot record fewer heads; ModernBERT has its own, FFN
+and layers only, with its gated FFN and its global/local layer pattern).
 
 Everything here that touches transformers' model internals (`encoder.layer[i].attention.self.query`, ...) is
 kept in this one module: transformers 5 removed `prune_heads`, so the project slices the weights itself and
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from toolkit.config.stages import subset_problem
 from toolkit.errors import ToolkitError
 
 
@@ -40,7 +42,7 @@ class Layout:
     output projection) and FFN (in and out projections), and the config fields that record the new shape."""
 
     family: str
-    layers: Callable[[nn.Module], nn.ModuleList]  # the base model -> its transformer layers
+    layers_path: tuple[str, ...]  # the base model's attribute path to its transformer layers
     attention: Callable[[nn.Module], nn.Module]  # a layer -> the module holding q/k/v and the head count
     qkv: tuple[str, str, str]
     attention_out: Callable[[nn.Module], tuple[nn.Module, str]]  # a layer -> (owner, name) of the output Linear
@@ -50,14 +52,20 @@ class Layout:
     width_attr: str  # heads x head size on the attention module
     ffn_config: str  # the config field of the FFN size
     layers_config: str  # the config field of the layer count
+    head_size_attr: str = "attention_head_size"  # one head's width on the attention module
     # Whether the stock config can record pruned heads (`pruned_heads`, any count per layer); False: FFN and
     # layers only.
     heads_prunable: bool = True
+    # A gated FFN (GLU): the input projection holds the value and gate halves side by side, 2 x ffn size wide.
+    glu: bool = False
+    # Layers whose index decides their attention (ModernBERT: global every n-th layer, local otherwise): the
+    # config field of n; a layer subset must keep each layer's kind at its new index.
+    period_config: str | None = None
 
 
 BERT_LAYOUT = Layout(
     family="BERT (bert, roberta, xlm-roberta, electra)",
-    layers=lambda base: base.encoder.layer,
+    layers_path=("encoder", "layer"),
     attention=lambda layer: layer.attention.self,
     qkv=("query", "key", "value"),
     attention_out=lambda layer: (layer.attention.output, "dense"),
@@ -70,7 +78,7 @@ BERT_LAYOUT = Layout(
 )
 DISTILBERT_LAYOUT = Layout(
     family="DistilBERT",
-    layers=lambda base: base.transformer.layer,
+    layers_path=("transformer", "layer"),
     attention=lambda layer: layer.attention,
     qkv=("q_lin", "k_lin", "v_lin"),
     attention_out=lambda layer: (layer.attention, "out_lin"),
@@ -96,9 +104,28 @@ MPNET_LAYOUT = replace(
     attention_out=lambda layer: (layer.attention.attn, "o"),
     heads_prunable=False,
 )
+# ModernBERT: q/k/v fused in one `Wqkv` whose width the attention derives from hidden_size (no config field for
+# fewer heads), a gated FFN (`Wi` holds value and gate), and layers that are global or local (sliding window, other
+# RoPE base) by their index: FFN and layer subsets that keep every layer's kind.
+MODERNBERT_LAYOUT = replace(
+    BERT_LAYOUT,
+    family="ModernBERT",
+    layers_path=("layers",),
+    attention=lambda layer: layer.attn,
+    qkv=("Wqkv",),
+    attention_out=lambda layer: (layer.attn, "Wo"),
+    ffn_in=lambda layer: (layer.mlp, "Wi"),
+    ffn_out=lambda layer: (layer.mlp, "Wo"),
+    heads_attr="num_heads",
+    head_size_attr="head_dim",
+    heads_prunable=False,
+    glu=True,
+    period_config="global_attn_every_n_layers",
+)
 # By `config.model_type`; `toolkit.config.stages.LAYOUT_FAMILIES` lists the same families for validation.
 LAYOUTS = {"bert": BERT_LAYOUT, "roberta": BERT_LAYOUT, "xlm-roberta": BERT_LAYOUT, "electra": BERT_LAYOUT,
-           "distilbert": DISTILBERT_LAYOUT, "deberta-v2": DEBERTA_V2_LAYOUT, "mpnet": MPNET_LAYOUT}  # fmt: skip
+           "distilbert": DISTILBERT_LAYOUT, "deberta-v2": DEBERTA_V2_LAYOUT, "mpnet": MPNET_LAYOUT,
+           "modernbert": MODERNBERT_LAYOUT}  # fmt: skip
 
 
 def layout(model: nn.Module) -> Layout:
@@ -110,9 +137,18 @@ def layout(model: nn.Module) -> Layout:
     return LAYOUTS[family]
 
 
+def _layers_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    owner = getattr(model, "base_model", model)
+    *path, name = layout(model).layers_path
+    for attr in path:
+        owner = getattr(owner, attr)
+    return owner, name
+
+
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer layers of a model of a supported family."""
-    return layout(model).layers(getattr(model, "base_model", model))
+    owner, name = _layers_owner(model)
+    return getattr(owner, name)
 
 
 def _linear(owner_and_name: tuple[nn.Module, str]) -> nn.Linear:
@@ -127,7 +163,7 @@ def head_counts(model: nn.Module) -> list[int]:
 
 def ffn_sizes(model: nn.Module) -> list[int]:
     lay = layout(model)
-    return [_linear(lay.ffn_in(layer)).out_features for layer in encoder_layers(model)]
+    return [_linear(lay.ffn_out(layer)).in_features for layer in encoder_layers(model)]
 
 
 def kept_heads(config: Any) -> list[list[int]]:
@@ -153,7 +189,7 @@ def _gates(model: nn.Module):
     ffn_gates = [torch.ones(n, device=device, requires_grad=True) for n in ffn_sizes(model)]
     handles = []
     for layer, hg, fg in zip(encoder_layers(model), head_gates, ffn_gates, strict=True):
-        size = lay.attention(layer).attention_head_size
+        size = getattr(lay.attention(layer), lay.head_size_attr)
         handles.append(_linear(lay.attention_out(layer)).register_forward_pre_hook(_gate_heads(hg, size)))
         handles.append(_linear(lay.ffn_out(layer)).register_forward_pre_hook(lambda _m, args, g=fg: (args[0] * g,)))
     try:
@@ -268,9 +304,10 @@ def keep_neurons(model: nn.Module, keep: list[list[int]]) -> None:
     lay = layout(model)
     for layer, neurons in zip(encoder_layers(model), keep, strict=True):
         index = torch.tensor(sorted(neurons), dtype=torch.long)
-        for part, dim in ((lay.ffn_in(layer), 0), (lay.ffn_out(layer), 1)):
-            owner, name = part
-            setattr(owner, name, _slice_linear(getattr(owner, name), index, dim=dim))
+        width = _linear(lay.ffn_out(layer)).in_features
+        rows = torch.cat([index, index + width]) if lay.glu else index  # a GLU's value and gate halves alike
+        for (owner, name), cut, dim in ((lay.ffn_in(layer), rows, 0), (lay.ffn_out(layer), index, 1)):
+            setattr(owner, name, _slice_linear(getattr(owner, name), cut, dim=dim))
     setattr(model.config, lay.ffn_config, sizes.pop())
 
 
@@ -279,14 +316,19 @@ def keep_layers(model: nn.Module, keep: list[int]) -> None:
     layers = encoder_layers(model)
     if not keep or any(not 0 <= i < len(layers) for i in keep):
         raise PruningError(f"layer indices {keep} out of range 0..{len(layers) - 1}")
+    lay = layout(model)
+    problem = subset_problem(keep, getattr(model.config, lay.period_config) if lay.period_config else None)
+    if problem:
+        raise PruningError(f"{lay.family}: {problem}; the saved model would not behave as the trained one")
     pruned = {int(k): v for k, v in (model.config.pruned_heads or {}).items()}
     kept = nn.ModuleList([layers[i] for i in keep])
-    owner = model.base_model.encoder if hasattr(model.base_model, "encoder") else model.base_model.transformer
-    owner.layer = kept
+    owner, name = _layers_owner(model)
+    setattr(owner, name, kept)
     for new_index, layer in enumerate(kept):
         for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index
+            for attr in ("layer_idx", "layer_id"):
+                if hasattr(module, attr):
+                    setattr(module, attr, new_index)
     setattr(model.config, layout(model).layers_config, len(keep))
     if hasattr(owner, "n_layers"):  # DistilBERT's Transformer keeps its own count
         owner.n_layers = len(keep)

@@ -29,8 +29,11 @@ from toolkit.config.stages import (
     StudentConfig,
     TrainConfig,
     TrimVocabConfig,
+    layer_period,
     resolve_target,
     spaced_layers,
+    student_layers,
+    subset_problem,
 )
 
 __all__ = [
@@ -63,5 +66,8 @@ __all__ = [
     "TrainConfig",
     "local_model_shape",
     "resolve_target",
+    "layer_period",
     "spaced_layers",
+    "student_layers",
+    "subset_problem",
 ]

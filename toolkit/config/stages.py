@@ -82,11 +82,13 @@ class TrainConfig(StageBase, LoopOptions):
 
 # Encoder families whose layers `toolkit.pruning` can cut (its `LAYOUTS`: BERT's layer layout and DistilBERT's);
 # each runs prune -> distill -> export -> optimize -> quantize in the tests.
-LAYOUT_FAMILIES = ("bert", "deberta-v2", "distilbert", "electra", "mpnet", "roberta", "xlm-roberta")
+LAYOUT_FAMILIES = ("bert", "deberta-v2", "distilbert", "electra", "modernbert", "mpnet", "roberta", "xlm-roberta")
 # What a family's stock config cannot record (so a pruned folder would not load): checked before any work.
 HEAD_LIMITS = {
     "mpnet": "MPNet's relative-position bias table is shared by every layer and its config has no field for fewer "
     "heads, so its heads cannot be pruned; set only ffn_size",
+    "modernbert": "ModernBERT fuses q/k/v in one projection whose width it derives from hidden_size, and its config "
+    "has no field for fewer heads, so its heads cannot be pruned; set only ffn_size",
     "deberta-v2": "DeBERTa-v2/v3 cannot apply pruned_heads and builds its attention output projection hidden_size "
     "wide, so a model with fewer heads would not load; set only ffn_size",
 }
@@ -203,6 +205,44 @@ def spaced_layers(teacher_layers: int, student_layers: int) -> list[int]:
     return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
 
 
+def layer_period(shape: dict[str, Any] | None) -> int | None:
+    """ModernBERT's `global_attn_every_n_layers`: its layers are global or local by index, and its first layer has
+    no attention LayerNorm; None for families whose layers are all alike."""
+    shape = shape or {}
+    return shape.get("global_attn_every_n_layers") if shape.get("model_type") == "modernbert" else None
+
+
+def subset_problem(layers: list[int], period: int | None) -> str | None:
+    """Why a layer subset of a model with index-dependent layers (`period`) would not reload as it was trained."""
+    if period is None:
+        return None
+    if layers[0] != 0:
+        return f"the first layer kept must be layer 0 (the only one without an attention LayerNorm); got {layers}"
+    moved = [old for new, old in enumerate(layers) if (old % period == 0) != (new % period == 0)]
+    if moved:
+        return (
+            f"layers are global every {period} layers and local otherwise, by index: layers {moved} would change "
+            f"kind at their new places in {layers}"
+        )
+    return None
+
+
+def student_layers(teacher_layers: int, count: int, period: int | None = None) -> list[int]:
+    """The default layer subset: `spaced_layers`, or for index-dependent layers layer 0 then, at each student
+    index, the teacher layer of the same kind (global/local) nearest the evenly spaced one."""
+    plain = spaced_layers(teacher_layers, count)
+    if period is None or count == 1:
+        return [0] if period is not None else plain
+    chosen = [0]
+    for new, target in enumerate(plain[1:], start=1):
+        left = count - new - 1  # layers still to place after this one
+        kinds = [i for i in range(chosen[-1] + 1, teacher_layers - left) if (i % period == 0) == (new % period == 0)]
+        if not kinds:
+            raise ValueError(f"no {count}-layer subset of {teacher_layers} layers keeps every layer's kind")
+        chosen.append(min(kinds, key=lambda i: (abs(i - target), i)))
+    return chosen
+
+
 class StudentConfig(Strict):
     """Exactly one of: `layers` (teacher layer indices to keep, in order), `num_layers` (that many teacher
     layers, evenly spaced, the last one included), or `model` (a folder, `package:` path or Hub id)."""
@@ -290,7 +330,10 @@ class DistillConfig(StageBase, LoopOptions):
         bad = [i for i in [*wanted, *(self.layer_map or [])] if i >= depth]
         if bad:
             raise ValueError(f"teacher layer indices {bad} do not exist (the teacher has layers 0..{depth - 1})")
-        layers = wanted or spaced_layers(depth, self.student.num_layers)
+        layers = wanted or student_layers(depth, self.student.num_layers, layer_period(shape))
+        problem = subset_problem(layers, layer_period(shape))
+        if problem:
+            raise ValueError(f"student.layers: {problem}")
         pruned = shape.get("pruned_heads") or {}
         return {
             **shape,
