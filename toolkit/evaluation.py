@@ -88,7 +88,8 @@ def spread(values: list[float]) -> float:
 def side_by_side(predictors: dict[str, Callable[[list[str]], Any]], texts: list[str], cfg: SpeedConfig,
                  rounds: int) -> dict[str, dict[str, Any]]:  # fmt: skip
     """The finalists timed in one session, each in turn, round after round (A B C A B C ...), so that a busy
-    spell falls on all of them alike. Per finalist: batch-1 p50/p95 over every round's calls, throughput over
+    spell falls on all of them alike, after one untimed round (OpenVINO compiles each new input shape on its first
+    call; ONNX Runtime and torch allocate). Per finalist: batch-1 p50/p95 over every round's calls, throughput over
     every round's texts, and how far the rounds' p50 and throughput came apart (`*_spread`)."""
     from toolkit.machine import LoadMeter
 
@@ -98,9 +99,9 @@ def side_by_side(predictors: dict[str, Callable[[list[str]], Any]], texts: list[
     batches = [bulk[i : i + n] for i in range(0, len(bulk), n)]
     latencies: dict[str, list[list[float]]] = {name: [] for name in predictors}
     seconds: dict[str, list[float]] = {name: [] for name in predictors}
-    for predict in predictors.values():  # warm-up, untimed
-        predict(single[:1])
-        predict(batches[0])
+    for predict in predictors.values():  # a whole round untimed: each input shape's first call is not the figure
+        time_calls(predict, [[t] for t in single], None)
+        time_calls(predict, batches, None)
     with LoadMeter() as meter:
         for _ in tqdm(range(rounds), desc="finalists side by side", leave=False):
             for name, predict in predictors.items():

@@ -208,7 +208,9 @@ class OpenVinoModel(InferenceModel):
         self.request = self.compiled.create_infer_request()
 
     def run(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        return self.request.infer(feed(batch, self.input_names))[self.output].astype(np.float32)
+        # Shared: no copy of the inputs into the request, nor of the output out of it (astype copies it).
+        outputs = self.request.infer(feed(batch, self.input_names), share_inputs=True, share_outputs=True)
+        return outputs[self.output].astype(np.float32)
 
     @property
     def num_parameters(self) -> int:
