@@ -149,7 +149,9 @@ class SpeedConfig(Strict):
     threads: int = Field(
         0, ge=0, description="Intra-op threads; 0: TOOLKIT_THREADS, else every core this process may use."
     )
-    warmup: int = Field(10, ge=0, description="Untimed single-text calls first.")
+    warmup: int = Field(
+        10, ge=0, description="Untimed single-text calls first (then one untimed pass over the texts timed)."
+    )
     latency_samples: PositiveInt = Field(200, description="Timed single-text calls (batch-1 p50/p95).")
     throughput_batch_size: PositiveInt = Field(32, description="Texts per call for the throughput figure.")
     throughput_samples: PositiveInt = Field(512, description="Texts timed for the throughput figure.")
