@@ -46,3 +46,36 @@ def test_a_failing_model_call_fails_its_requests_and_the_next_call_works():
         return await batcher.submit(["y"])
 
     assert asyncio.run(main()) == ["y"]
+
+
+def test_lanes_run_model_calls_at_the_same_time():
+    """Two lanes: while one runs a call, the other takes what is queued (two 0.2 s calls take about 0.2 s)."""
+    batcher = MicroBatcher([slow_upper_for(0.2), slow_upper_for(0.2)], max_batch_size=1)
+
+    async def main():
+        start = time.perf_counter()
+        answers = await asyncio.gather(batcher.submit(["a"]), batcher.submit(["b"]))
+        return answers, time.perf_counter() - start
+
+    answers, seconds = asyncio.run(main())
+    assert answers == [["A"], ["B"]] and batcher.batches == [1, 1]
+    assert seconds < 0.35, seconds
+
+
+def test_a_request_that_waits_past_its_timeout_gets_timeout_error():
+    batcher = MicroBatcher(slow_upper_for(0.3), max_batch_size=4)
+
+    async def main():
+        with pytest.raises(TimeoutError):
+            await batcher.submit(["late"], timeout=0.05)
+        return await batcher.submit(["next"], timeout=5)  # the batcher carries on
+
+    assert asyncio.run(main()) == ["NEXT"]
+
+
+def slow_upper_for(seconds: float):
+    def upper(texts: list[str]) -> list[str]:
+        time.sleep(seconds)
+        return [t.upper() for t in texts]
+
+    return upper

@@ -285,3 +285,16 @@ def test_tei_compatible_predict_route(packaged_onnx, tmp_path):
         ):
             answer = post(url, "predict", body)
             assert answer.status_code == 400 and message in answer.text, (body, answer.text)
+
+
+@pytest.mark.slow
+def test_classify_is_answered_in_front_of_bentomls_middlewares(packaged_onnx, tmp_path):
+    """`/classify` is answered by the guard before BentoML's per-request middlewares: not in their request
+    metrics, where `/classify_batch` is. (Its own timeout is the micro-batcher's: tests/test_batching.py.)"""
+    with serving(LIMITS, log=tmp_path / "serve.log") as url:
+        assert post(url, "classify", {"text": "a lovely story"}).status_code == 200
+        assert post(url, "classify_batch", {"text": ["a lovely story"]}).status_code == 200
+        counted = [line for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines()
+                   if "request_total{" in line and float(line.split()[-1]) > 0]  # fmt: skip
+        assert any('endpoint="/classify_batch"' in line for line in counted), counted
+        assert not any('endpoint="/classify"' in line for line in counted), counted

@@ -13,33 +13,39 @@ from typing import Any
 class MicroBatcher:
     def __init__(
         self,
-        fn: Callable[[list[str]], list[Any]],
+        fn: Callable[[list[str]], list[Any]] | list[Callable[[list[str]], list[Any]]],
         max_batch_size: int,
         on_batch: Callable[[int], None] | None = None,
     ):
-        self.fn = fn
+        # One function per lane: model calls that may run at the same time (each lane its own session and
+        # threads); a lane that is free takes what is queued.
+        self.lanes = list(fn) if isinstance(fn, list) else [fn]
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch  # told each model call's size (metrics)
         self.pending: deque[tuple[list[str], asyncio.Future]] = deque()
         self.wake: asyncio.Event | None = None
         self.batches: list[int] = []  # sizes of the last model calls (kept short), for tests and logs
         self.queued = 0  # texts waiting for a model call
-        self.running = 0  # texts in the model call under way
+        self.running = 0  # texts in the model calls under way
 
     @property
     def load(self) -> int:
         """Texts accepted and not answered yet."""
         return self.queued + self.running
 
-    async def submit(self, texts: list[str]) -> list[Any]:
+    async def submit(self, texts: list[str], timeout: float | None = None) -> list[Any]:
+        """The texts' results, once a model call has run them; TimeoutError after `timeout` seconds (the call
+        still runs; its result for these texts is dropped)."""
         if self.wake is None:  # created lazily: the event loop exists only once the server runs
             self.wake = asyncio.Event()
-            asyncio.get_running_loop().create_task(self._loop())
+            for lane in self.lanes:
+                asyncio.get_running_loop().create_task(self._loop(lane))
         future = asyncio.get_running_loop().create_future()
         self.pending.append((texts, future))
         self.queued += len(texts)
         self.wake.set()
-        return await future
+        # On a future, wait_for sets a timer and no task: cheaper per request than BentoML's timeout middleware.
+        return await (future if timeout is None else asyncio.wait_for(future, timeout))
 
     def _take(self) -> list[tuple[list[str], asyncio.Future]]:
         taken = [self.pending.popleft()]
@@ -50,7 +56,7 @@ class MicroBatcher:
             size += len(texts)
         return taken
 
-    async def _loop(self) -> None:
+    async def _loop(self, fn: Callable[[list[str]], list[Any]]) -> None:
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -59,18 +65,20 @@ class MicroBatcher:
                 texts = [t for chunk, _ in taken for t in chunk]
                 self.batches = [*self.batches[-99:], len(texts)]
                 self.queued -= len(texts)
-                self.running = len(texts)
+                self.running += len(texts)
+                if self.pending:  # more than this call takes: another free lane may start on it
+                    self.wake.set()
                 if self.on_batch is not None:
                     self.on_batch(len(texts))
                 try:
-                    results = await asyncio.to_thread(self.fn, texts)
+                    results = await asyncio.to_thread(fn, texts)
                 except Exception as exc:  # every waiting request gets the error, the loop carries on
                     for _, future in taken:
                         if not future.done():
                             future.set_exception(exc)
                     continue
                 finally:
-                    self.running = 0
+                    self.running -= len(texts)
                 start = 0
                 for chunk, future in taken:
                     if not future.done():

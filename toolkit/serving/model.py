@@ -13,6 +13,7 @@ from toolkit.serving.bundle import read_meta
 
 ENV_OVERRIDES = {
     "threads": "TOOLKIT_THREADS",
+    "lanes": "TOOLKIT_LANES",
     "spin": "TOOLKIT_ORT_SPIN",
     "fuse_skip_layer_norm": "TOOLKIT_ORT_FUSE_SLN",
 }
@@ -27,26 +28,35 @@ def session_settings(meta: dict, workers: int = 1, env: dict | None = None) -> t
     # The measurement was of the CPU execution provider; a GPU session keeps the provider's defaults.
     on_cpu = env.get("TOOLKIT_DEVICE", "cpu").lower() == "cpu"
     same_cpu = on_cpu and tuned.get("cpu") == cpu_model() and tuned.get("cores") == available_cores()
-    settings = dict(tuned["choice"]) if same_cpu else {"threads": None, "spin": True, "fuse_skip_layer_norm": None}
+    defaults = {"threads": None, "lanes": 1, "spin": True, "fuse_skip_layer_norm": None}
+    settings = {**defaults, **tuned["choice"]} if same_cpu else defaults
     source = f"measured on this CPU on {tuned['date']}" if same_cpu else "defaults"
     if tuned and on_cpu and not same_cpu:
         source += f" (measured on {tuned.get('cpu')} x{tuned.get('cores')}, not this CPU: re-run `package` here)"
     for key, var in ENV_OVERRIDES.items():
         if env.get(var):
-            settings[key] = int(env[var]) if key == "threads" else env[var] == "1"
+            settings[key] = int(env[var]) if key in ("threads", "lanes") else env[var] == "1"
             source += f", {var} from the environment"
     settings["threads"] = max(1, (settings["threads"] or available_cores()) // workers)
     return settings, source
 
 
 class ServedModel:
-    def __init__(self, folder: str | Path, threads: int | None = None, device: str | None = None, **options):
+    """The bundle's model in `lanes` copies that may run at the same time, `threads` intra-op threads in all (two
+    single-threaded calls at once got more texts through 2 cores than one call on both; see docs/serving.md)."""
+
+    def __init__(
+        self, folder: str | Path, threads: int | None = None, device: str | None = None, lanes: int = 1, **options
+    ):
         folder = Path(folder)
         self.meta = read_meta(folder)
         self.labels: list[str] = self.meta["labels"]
         fmt = self.meta["format"]
         options = options if fmt == "onnx" else {}
-        self.model = load_model(folder, fmt, int(self.meta["max_length"]), threads, device, **options)
+        per_lane = max(1, (threads or available_cores()) // lanes)
+        max_length = int(self.meta["max_length"])
+        self.lanes = [load_model(folder, fmt, max_length, per_lane, device, **options) for _ in range(lanes)]
+        self.model = self.lanes[0]
 
     def logits(self, texts: list[str]) -> np.ndarray:
         return self.model.logits(texts)

@@ -177,7 +177,8 @@ class Classifier:
         logging.getLogger("toolkit.serving").info("serving %s; session settings %s (%s)", folder, settings, source)
         self.runtime = ServedModel(folder, settings.pop("threads"), **settings)
         self.labels = self.runtime.labels
-        self.batcher = MicroBatcher(self._logits, MAX_BATCH_SIZE, on_batch=METRICS.batch)
+        lanes = [lambda texts, model=model: list(model.logits(texts)) for model in self.runtime.lanes]
+        self.batcher = MicroBatcher(lanes, MAX_BATCH_SIZE, on_batch=METRICS.batch)
         LOAD.batcher = self.batcher
         LOAD.service = self
 
@@ -193,17 +194,16 @@ class Classifier:
         revision, graph = os.environ.get("TOOLKIT_HUB_REVISION"), os.environ.get("TOOLKIT_HUB_ONNX")
         return str(hub_bundle(HUB_MODEL, dest, revision, graph))
 
-    def _logits(self, texts: list[str]) -> list:
-        return list(self.runtime.logits(texts))
-
-    async def _predict(self, texts: list[str]) -> tuple[list[int], list[float], list[str]]:
+    async def _predict(
+        self, texts: list[str], timeout: float | None = None
+    ) -> tuple[list[int], list[float], list[str]]:
         from toolkit.serving.model import top_classes
 
-        ids, probs = top_classes(await self.batcher.submit(texts))
+        ids, probs = top_classes(await self.batcher.submit(texts, timeout))
         return ids, probs, [self.labels[i] for i in ids]
 
-    async def answer(self, text: str) -> Single:
-        ids, probs, labels = await self._predict([text])
+    async def answer(self, text: str, timeout: float | None = None) -> Single:
+        ids, probs, labels = await self._predict([text], timeout)
         return Single(categories=ids[0], probabilities=probs[0], label=labels[0])
 
     @bentoml.api
@@ -252,8 +252,34 @@ async def classify_fast(body: bytes) -> tuple[int, bytes]:
     except ValidationError as exc:
         detail = exc.errors(include_input=False, include_context=False)
         return 400, json.dumps({"error": str(exc).splitlines()[0], "detail": detail}).encode()
-    return 200, (await LOAD.service.answer(text)).model_dump_json().encode()
+    try:  # the guard answers before BentoML's timeout middleware: the same limit, here
+        return 200, (await LOAD.service.answer(text, timeout=TIMEOUT_S)).model_dump_json().encode()
+    except TimeoutError:
+        return 504, json.dumps({"error": f"no answer within TOOLKIT_TIMEOUT_S={TIMEOUT_S} s"}).encode()
 
+
+def _guard_outermost() -> None:
+    """Put the request guard first in the stack BentoML builds, so that `/classify` (answered by the guard)
+    skips BentoML's per-request middlewares: HTTP metrics, OpenTelemetry, the timeout (a task per request), the
+    concurrency limit and the request context. The other routes still pass through all of them. BentoML has no
+    public option for the order: this wraps its app factory's `middlewares` (bentoml is pinned; the serving
+    tests run through it)."""
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    stock = ServiceAppFactory.middlewares
+    if getattr(stock.fget, "toolkit_guard_first", False):
+        return
+
+    def middlewares(self):
+        stack = stock.fget(self)
+        return [m for m in stack if m.cls is RequestGuard] + [m for m in stack if m.cls is not RequestGuard]
+
+    middlewares.toolkit_guard_first = True
+    ServiceAppFactory.middlewares = property(middlewares)
+
+
+if os.environ.get("TOOLKIT_GUARD_FIRST", "1") == "1":
+    _guard_outermost()
 
 Classifier.add_asgi_middleware(
     RequestGuard,
