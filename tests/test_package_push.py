@@ -208,6 +208,8 @@ def test_onnx_selection_is_pushed_in_the_hub_layout_that_every_loader_reads(toy_
     assert labels == [ort.config.id2label[i] for i in torch_ids]
     agreement = np.mean(np.array(torch_ids) == np.array(ort_ids))
     assert agreement >= 2 / 3  # an INT8 graph may differ from its PyTorch ancestor on a near-boundary text
+    # Text Embeddings Inference's ONNX backend reads the same repo: its FP32 `onnx/model.onnx` (the export).
+    assert tei_ort_backend_classes(repo, texts) == torch_ids
 
     # The bento serves the pushed repo (TOOLKIT_HUB_MODEL: a Hub id, or as here a folder in the same layout).
     from toolkit.runtime import load_model
@@ -220,6 +222,40 @@ def test_onnx_selection_is_pushed_in_the_hub_layout_that_every_loader_reads(toy_
         tei = requests.post(f"{url}/predict", json={"inputs": texts[0]}, timeout=30).json()
     assert answers["categories"] == expected and answers["labels"] == [ort.config.id2label[i] for i in expected]
     assert tei[0]["label"] == answers["labels"][0]
+
+
+def tei_ort_backend_classes(repo: Path, texts: list[str]) -> list[int]:
+    """What Text Embeddings Inference's `ort` backend (backends/ort/src/lib.rs) does with a model repo, step by
+    step, in Python (TEI itself is a Rust server that cannot be installed here): `model.onnx` at the root, else
+    `onnx/model.onnx`; `config.json` with `hidden_size` and `num_hidden_layers` and a `*ForSequenceClassification`
+    architecture (a classifier); `tokenizer.json` at the root; inputs `input_ids`, `attention_mask`, and
+    `token_type_ids`/`position_ids` when the graph takes them, padded on the right with `pad_token_id`; the output
+    named `logits`, float32; one session at graph optimization level 3."""
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    graph = repo / "model.onnx" if (repo / "model.onnx").exists() else repo / "onnx" / "model.onnx"
+    config = json.loads((repo / "config.json").read_text())
+    assert isinstance(config["hidden_size"], int) and isinstance(config["num_hidden_layers"], int)
+    assert any(a.endswith("ForSequenceClassification") for a in config["architectures"]) and config["id2label"]
+    tokenizer = Tokenizer.from_file(str(repo / "tokenizer.json"))
+    tokenizer.no_padding()
+    encodings = [tokenizer.encode(text) for text in texts]
+    width = max(len(e.ids) for e in encodings)
+    pad = config.get("pad_token_id") or 0
+    rows = {"input_ids": [e.ids + [pad] * (width - len(e.ids)) for e in encodings],
+            "attention_mask": [[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in encodings],
+            "token_type_ids": [e.type_ids + [0] * (width - len(e.ids)) for e in encodings],
+            "position_ids": [list(range(width)) for _ in encodings]}  # fmt: skip
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    inputs = {k: np.asarray(v, dtype=np.int64) for k, v in rows.items() if k in wanted}
+    (logits,) = session.run(["logits"], inputs)
+    assert logits.dtype == np.float32
+    return logits.argmax(-1).tolist()
 
 
 def test_hub_model_errors_say_what_is_wrong(tmp_path, monkeypatch):
