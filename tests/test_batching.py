@@ -79,3 +79,29 @@ def slow_upper_for(seconds: float):
         return [t.upper() for t in texts]
 
     return upper
+
+
+def test_fill_wait_lets_answered_clients_join_the_next_call():
+    """Closed-loop clients (each sends its next text once answered): without a fill wait the calls split them
+    into two halves that alternate; waiting a little after each call lets them all join the next one."""
+
+    def mean_call_size(fill_wait: float) -> float:
+        batcher = MicroBatcher(slow_upper_for(0.02), max_batch_size=64, fill_wait=fill_wait)
+
+        async def client(n: int, first_delay: float):
+            await asyncio.sleep(first_delay)
+            for i in range(n):
+                await batcher.submit([f"t{i}"])
+                await asyncio.sleep(0.001)  # the answer travels, the next request arrives
+
+        async def main():
+            # half the clients start while the first call runs: the two-halves pattern
+            await asyncio.gather(*(client(12, 0.0 if c < 4 else 0.005) for c in range(8)))
+
+        asyncio.run(main())
+        return sum(batcher.batches) / len(batcher.batches)
+
+    without, waiting = mean_call_size(0.0), mean_call_size(0.5)
+    print(f"mean call size: {without:.1f} without a fill wait, {waiting:.1f} with")
+    assert waiting > without + 1.5, (without, waiting)
+    assert waiting >= 6.5  # most calls hold all 8 clients

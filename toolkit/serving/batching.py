@@ -16,6 +16,7 @@ class MicroBatcher:
         fn: Callable[[list[str]], list[Any]] | list[Callable[[list[str]], list[Any]]],
         max_batch_size: int,
         on_batch: Callable[[int], None] | None = None,
+        fill_wait: float = 0.0,
     ):
         # One function per lane: model calls that may run at the same time (each lane its own session and
         # threads); a lane that is free takes what is queued.
@@ -27,6 +28,9 @@ class MicroBatcher:
         self.batches: list[int] = []  # sizes of the last model calls (kept short), for tests and logs
         self.queued = 0  # texts waiting for a model call
         self.running = 0  # texts in the model calls under way
+        # After a call, wait up to this fraction of its duration for the clients it answered to send their next
+        # texts, so that the next call holds them too (0: take what is queued at once).
+        self.fill_wait = fill_wait
 
     @property
     def load(self) -> int:
@@ -56,7 +60,18 @@ class MicroBatcher:
             size += len(texts)
         return taken
 
+    async def _fill(self, target: int, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self.queued < target and (left := deadline - loop.time()) > 0:
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), left)
+            except TimeoutError:
+                return
+
     async def _loop(self, fn: Callable[[list[str]], list[Any]]) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -70,6 +85,7 @@ class MicroBatcher:
                     self.wake.set()
                 if self.on_batch is not None:
                     self.on_batch(len(texts))
+                started = loop.time()
                 try:
                     results = await asyncio.to_thread(fn, texts)
                 except Exception as exc:  # every waiting request gets the error, the loop carries on
@@ -84,3 +100,6 @@ class MicroBatcher:
                     if not future.done():
                         future.set_result(results[start : start + len(chunk)])
                     start += len(chunk)
+                if self.fill_wait > 0:
+                    target = min(self.max_batch_size, self.queued + len(texts))
+                    await self._fill(target, self.fill_wait * (loop.time() - started))

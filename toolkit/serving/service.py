@@ -31,6 +31,7 @@ TIMEOUT_S = int(os.environ.get("TOOLKIT_TIMEOUT_S", "60"))
 MAX_BODY_BYTES = int(os.environ.get("TOOLKIT_MAX_BODY_BYTES", str(1 << 20)))
 MAX_PENDING = int(os.environ.get("TOOLKIT_MAX_PENDING", "256"))
 RETRY_AFTER_S = int(os.environ.get("TOOLKIT_RETRY_AFTER_S", "1"))
+FILL_WAIT = float(os.environ.get("TOOLKIT_FILL_WAIT", "0.25"))
 ROUTES = ("/classify", "/classify_batch", "/predict")
 # Serve a model pushed to the Hub (or a folder in that layout) instead of one from the BentoML model store.
 HUB_MODEL = os.environ.get("TOOLKIT_HUB_MODEL")
@@ -178,7 +179,7 @@ class Classifier:
         self.runtime = ServedModel(folder, settings.pop("threads"), **settings)
         self.labels = self.runtime.labels
         lanes = [lambda texts, model=model: list(model.logits(texts)) for model in self.runtime.lanes]
-        self.batcher = MicroBatcher(lanes, MAX_BATCH_SIZE, on_batch=METRICS.batch)
+        self.batcher = MicroBatcher(lanes, MAX_BATCH_SIZE, on_batch=METRICS.batch, fill_wait=FILL_WAIT)
         LOAD.batcher = self.batcher
         LOAD.service = self
 
@@ -258,35 +259,33 @@ async def classify_fast(body: bytes) -> tuple[int, bytes]:
         return 504, json.dumps({"error": f"no answer within TOOLKIT_TIMEOUT_S={TIMEOUT_S} s"}).encode()
 
 
+GUARD = {
+    "paths": ROUTES,
+    "max_body": MAX_BODY_BYTES,
+    "overloaded": LOAD.overloaded,
+    "retry_after_s": RETRY_AFTER_S,
+    "on_shed": lambda: METRICS.shed.inc(),
+    "answered_here": {"/classify": classify_fast},
+}
+
+
 def _guard_outermost() -> None:
-    """Put the request guard first in the stack BentoML builds, so that `/classify` (answered by the guard)
-    skips BentoML's per-request middlewares: HTTP metrics, OpenTelemetry, the timeout (a task per request), the
-    concurrency limit and the request context. The other routes still pass through all of them. BentoML has no
-    public option for the order: this wraps its app factory's `middlewares` (bentoml is pinned; the serving
+    """Wrap the ASGI app BentoML builds in the request guard, so that `/classify` (answered by the guard) skips
+    Starlette and BentoML's per-request middlewares: HTTP metrics, OpenTelemetry, the timeout (a task per
+    request), the concurrency limit and the request context. The other routes pass the guard's checks and then
+    all of them. BentoML has no option for this: the wrap is on its app factory (bentoml is pinned; the serving
     tests run through it)."""
     from _bentoml_impl.server.app import ServiceAppFactory
 
-    stock = ServiceAppFactory.middlewares
-    if getattr(stock.fget, "toolkit_guard_first", False):
+    stock = ServiceAppFactory.__call__
+    if getattr(stock, "toolkit_guard", False):
         return
 
-    def middlewares(self):
-        stack = stock.fget(self)
-        return [m for m in stack if m.cls is RequestGuard] + [m for m in stack if m.cls is not RequestGuard]
+    def build(self):
+        return RequestGuard(stock(self), **GUARD)
 
-    middlewares.toolkit_guard_first = True
-    ServiceAppFactory.middlewares = property(middlewares)
+    build.toolkit_guard = True
+    ServiceAppFactory.__call__ = build
 
 
-if os.environ.get("TOOLKIT_GUARD_FIRST", "1") == "1":
-    _guard_outermost()
-
-Classifier.add_asgi_middleware(
-    RequestGuard,
-    paths=ROUTES,
-    max_body=MAX_BODY_BYTES,
-    overloaded=LOAD.overloaded,
-    retry_after_s=RETRY_AFTER_S,
-    on_shed=lambda: METRICS.shed.inc(),
-    answered_here={"/classify": classify_fast},
-)
+_guard_outermost()
