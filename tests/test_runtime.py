@@ -269,15 +269,16 @@ def test_service_uses_measured_settings_only_on_the_cpu_they_were_measured_on():
     choice = {"threads": 1, "spin": False, "fuse_skip_layer_norm": True}
     here = {"runtime": {"choice": choice, "cpu": cpu_model(), "cores": available_cores(), "date": "2026-11-23"}}
     settings, source = session_settings(here, env={})
-    assert settings == choice and "measured on this CPU" in source
+    assert settings == {**choice, "lanes": 1} and "measured on this CPU" in source
 
     elsewhere = {"runtime": {**here["runtime"], "cpu": "Some Other CPU"}}
     settings, source = session_settings(elsewhere, env={})
-    assert settings == {"threads": available_cores(), "spin": True, "fuse_skip_layer_norm": None}
+    assert settings == {"threads": available_cores(), "lanes": 1, "spin": True, "fuse_skip_layer_norm": None}
     assert "Some Other CPU" in source and "re-run `package`" in source
 
     settings, source = session_settings(here, workers=1, env={"TOOLKIT_ORT_SPIN": "1", "TOOLKIT_THREADS": "4"})
-    assert settings == {"threads": 4, "spin": True, "fuse_skip_layer_norm": True}
+    assert settings == {"threads": 4, "lanes": 1, "spin": True, "fuse_skip_layer_norm": True}
     assert "TOOLKIT_ORT_SPIN from the environment" in source
+    assert session_settings(here, env={"TOOLKIT_LANES": "2"})[0]["lanes"] == 2
     assert session_settings({}, workers=2, env={"TOOLKIT_THREADS": "4"})[0]["threads"] == 2
     assert session_settings(here, env={"TOOLKIT_DEVICE": "cuda"})[0]["fuse_skip_layer_norm"] is None
