@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,14 +46,14 @@ def measure_speed(predict: Callable[[list[str]], Any], texts: list[str], cfg: Sp
     single = [texts[i % len(texts)] for i in range(cfg.latency_samples)]
     bulk = [texts[i % len(texts)] for i in range(cfg.throughput_samples)]
     n = cfg.throughput_batch_size
+    batches = [bulk[i : i + n] for i in range(0, len(bulk), n)]
     for text in single[: cfg.warmup]:
         predict([text])
-    # One untimed pass over what is timed: OpenVINO compiles each new input shape on its first call (5-30 ms).
+    # One untimed pass over what is timed: OpenVINO compiles each new input shape on its first call.
     time_calls(predict, [[text] for text in single], None)
-    time_calls(predict, [bulk[i : i + n] for i in range(0, len(bulk), n)], None)
+    time_calls(predict, batches, None)
     with LoadMeter() as meter:
         latencies = time_calls(predict, [[text] for text in single], "latency (batch 1)")
-        batches = [bulk[i : i + n] for i in range(0, len(bulk), n)]
         parts = [[batches[i] for i in part] for part in np.array_split(np.arange(len(batches)), THROUGHPUT_ROUNDS)]
         timed = [(sum(map(len, part)), sum(time_calls(predict, part, None))) for part in parts if part]
     rates = [count / seconds for count, seconds in timed]
@@ -135,24 +136,25 @@ def evaluate_artifact(
 ) -> dict[str, Any]:
     """Quality, parity, speed and size of `artifact`; `logits`: the evaluation split's, already computed (gathered
     from several processes), else computed here."""
-    import torch
-
-    # The speed settings' thread count is for measuring; training stages after this one keep their own.
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads_kept():
         return _evaluate(artifact, data, cfg, max_length, logits_file, reference_logits, device, logits)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def logits_of(artifact: Artifact, texts: list[str], cfg: EvaluateConfig, max_length: int, device: str) -> np.ndarray:
     """The logits of `texts` through the service's runtime (one process's share of the evaluation split)."""
+    with torch_threads_kept():
+        predictor = load_model(artifact.path, artifact.format, max_length, cfg.speed.threads, device)
+        return predictor.logits_batched(texts, cfg.batch_size)
+
+
+@contextmanager
+def torch_threads_kept():
+    """The speed settings' thread count is for measuring; training stages after this one keep their own."""
     import torch
 
     threads = torch.get_num_threads()
     try:
-        predictor = load_model(artifact.path, artifact.format, max_length, cfg.speed.threads, device)
-        return predictor.logits_batched(texts, cfg.batch_size)
+        yield
     finally:
         torch.set_num_threads(threads)
 

@@ -69,7 +69,7 @@ class Runner:
                 continue
             reads = artifacts.get(cfg.branch_from()) if cfg.branch_from() else source
             if reads is None or (cfg.input_format is not None and reads.format != cfg.input_format):
-                self._skip(cfg, source, reads)  # its export (or the stage it branches from) failed its gate
+                self._skip(cfg, reads)  # its export (or the stage it branches from) failed its gate
                 continue
             stage_fp = planning.stage_fingerprint(cfg, upstream)
             result = self._run_or_reuse(cfg, stage_context(self, cfg, data, reads, artifacts), stage_fp)
@@ -86,7 +86,7 @@ class Runner:
             upstream = planning.next_upstream(stage_fp, (self.manifest.stage(cfg.name) or {}).get("finished"))
         return source, artifacts
 
-    def _skip(self, cfg: StageBase, source: Artifact, reads: Artifact | None) -> None:
+    def _skip(self, cfg: StageBase, reads: Artifact | None) -> None:
         if reads is None:
             reason = f"{cfg.branch_from()!r} made no model that passed its gate"
         else:

@@ -27,15 +27,15 @@ def import_openvino():
     return openvino
 
 
-def compiled_model(file: Path, threads: int, precision: str = "f32"):
-    """The IR compiled for the CPU with `threads` inference threads, one stream, tuned for latency. `precision`
-    is the inference precision: f32 keeps the FP32 answers (OpenVINO would otherwise run an FP32 graph in bf16 on
-    CPUs with AMX or AVX512-BF16); an INT8 IR runs its INT8 kernels either way."""
+def compiled_model(file: Path, threads: int):
+    """The IR compiled for the CPU with `threads` inference threads, one stream, tuned for latency, inference
+    precision f32: it keeps the FP32 answers (OpenVINO would otherwise run an FP32 graph in bf16 on CPUs with AMX
+    or AVX512-BF16); an INT8 IR runs its INT8 kernels either way."""
     ov = import_openvino()
     config = {
         "INFERENCE_NUM_THREADS": threads,
         "NUM_STREAMS": 1,
         "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": precision,
+        "INFERENCE_PRECISION_HINT": "f32",
     }
     return ov.Core().compile_model(str(file), "CPU", config)

@@ -56,10 +56,9 @@ class ServedModel:
         per_lane = max(1, (threads or available_cores()) // lanes)
         max_length = int(self.meta["max_length"])
         self.lanes = [load_model(folder, fmt, max_length, per_lane, device, **options) for _ in range(lanes)]
-        self.model = self.lanes[0]
 
     def logits(self, texts: list[str]) -> np.ndarray:
-        return self.model.logits(texts)
+        return self.lanes[0].logits(texts)
 
     def predict(self, texts: list[str]) -> tuple[list[int], list[float]]:
         """Class ids and the probability of each predicted class."""
