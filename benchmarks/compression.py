@@ -30,7 +30,7 @@ from toolkit.runtime import InferenceModel, load_model, weights_size  # noqa: E4
 TARGETS = {"accuracy_drop_points": 1.0, "speedup_batch1": 12.0, "speedup_batch32": 10.0}
 
 
-def int8_student(run: Path, student: Path, work: Path, fuse: bool) -> tuple[Path, str]:
+def int8_student(run: Path, student: Path, work: Path, fuse: bool, data: PreparedData) -> tuple[Path, str]:
     """The run's quantized model if its recipe made one, else the student through the toolkit's own export,
     optimize and quantize stages here."""
     manifest = json.loads((run / "manifest.json").read_text())
@@ -39,7 +39,7 @@ def int8_student(run: Path, student: Path, work: Path, fuse: bool) -> tuple[Path
             return Path(entry["output"]["path"]), f"run stage {name!r}"
     from toolkit.stages.chain import int8_from_pytorch
 
-    folder = int8_from_pytorch(student, work, fuse=fuse)
+    folder = int8_from_pytorch(student, work, fuse=fuse, data=data)
     steps = "export, optimize (O2), quantize" if fuse else "export, quantize"
     return folder, f"the {steps} stages with default options, here"
 
@@ -76,7 +76,7 @@ def main() -> None:
     student = args.run / args.student
     rows, outputs = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        int8, origin = int8_student(args.run, student, Path(tmp), not args.no_fuse)
+        int8, origin = int8_student(args.run, student, Path(tmp), not args.no_fuse, data)
         print(f"INT8 student: {origin}")
         for name, path, fmt in (
             ("teacher 6L PyTorch FP32", args.run / args.teacher, "pytorch"),

@@ -4,8 +4,9 @@
 
 RUN_DIR is a finished run of `recipes/full.yaml` (train ... distill, export, optimize, quantize). Rows: the PyTorch
 teacher (`train`), the student (`distill`) as PyTorch FP32, ONNX Runtime FP32 (`export`) and optimized FP32
-(`optimize`), ORT dynamic INT8 (the run's `quantize`), ORT static INT8 (per-channel minmax, made here by the
-`quantize` stage from `optimize`), OpenVINO FP32 and NNCF INT8 (made here by the `openvino` stage from
+(`optimize`), ORT INT8 (the run's `quantize`), ORT's plain dynamic INT8 (per-tensor weights and embedding table,
+no SmoothQuant) and static INT8 (per-channel minmax, the stage's defaults otherwise), both made here by the
+`quantize` stage from `optimize`, OpenVINO FP32 and NNCF INT8 (made here by the `openvino` stage from
 `export`, or the run's own when it has them). Accuracy and agreement with the student's FP32 graph on the test
 split; batch-1 p50 and batch-32 throughput timed side by side (each model in turn, round after round), with
 tokenisation, through `toolkit.runtime`, the service's path. One table, labelled with the CPU model and date.
@@ -47,14 +48,24 @@ def made_here(kind: str, cfg, source: Path, data: PreparedData, max_length: int,
     return out
 
 
+def int8_label(manifest: Manifest) -> str:
+    info = (manifest.stage("quantize") or {}).get("info", {})
+    smooth = info.get("smooth_quant")
+    return f"{info.get('mode', 'dynamic')} INT8" + (f" + SmoothQuant {smooth['alpha']}" if smooth else "")
+
+
 def models_of(run: Path, manifest: Manifest, data: PreparedData, max_length: int, tmp: Path) -> list[tuple]:
     """(row name, folder, format) for every row the run and this machine can give."""
     rows = [("teacher, PyTorch FP32", stage_path(manifest, "train"), "pytorch"),
             ("student, PyTorch FP32", stage_path(manifest, "distill"), "pytorch"),
             ("student, ORT FP32", stage_path(manifest, "export"), "onnx"),
             ("student, ORT FP32 optimized", stage_path(manifest, "optimize"), "onnx"),
-            ("student, ORT dynamic INT8 (the run's)", stage_path(manifest, "quantize"), "onnx")]  # fmt: skip
+            (f"student, ORT {int8_label(manifest)} (the run's)", stage_path(manifest, "quantize"), "onnx")]  # fmt: skip
     optimized, exported = stage_path(manifest, "optimize"), stage_path(manifest, "export")
+    # ONNX Runtime's quantizer as it comes: one scale per weight matrix and per embedding table, no smoothing.
+    plain = QuantizeConfig(type="quantize", smooth_quant=None, per_channel=False, embeddings="int8")
+    rows.append(("student, ORT dynamic INT8, plain", made_here("ort-plain", plain, optimized, data, max_length, tmp),
+                 "onnx"))  # fmt: skip
     static = QuantizeConfig(type="quantize", mode="static", per_channel=True)
     rows.append(("student, ORT static INT8", made_here("ort-static", static, optimized, data, max_length, tmp), "onnx"))
     for quant, label in (("none", "FP32"), ("int8", "NNCF INT8")):

@@ -180,7 +180,7 @@ def test_pruned_model_exports_fuses_and_quantizes_with_matching_logits(tiny_mode
 
     arts["o"] = optimized.artifact
     quantized = quantize_stage.run(
-        quantize_stage.QuantizeConfig(type="quantize", per_channel=True),
+        quantize_stage.QuantizeConfig(type="quantize", smooth_quant=None),
         stage_ctx(tmp_path, "q", optimized.artifact, arts),
     )
     assert quantized.info["per_channel"] is True
@@ -260,7 +260,7 @@ def test_calibration_options_need_static_mode(toy_recipe, write_recipe):
 
     recipe = onnx_recipe(toy_recipe)
     recipe["stages"][-1] = {"type": "quantize", "calibration_method": "entropy"}
-    with pytest.raises(RecipeError, match=r"calibration_method only apply with mode: static"):
+    with pytest.raises(RecipeError, match=r"calibration_method only applies with mode: static"):
         load_recipe(write_recipe(recipe))
 
 

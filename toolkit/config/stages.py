@@ -379,8 +379,12 @@ class OptimizeConfig(StageBase):
     input_format: ClassVar[str | None] = "onnx"
 
 
+# Measured on the full recipe's student: see docs/benchmarks.md, "INT8 that keeps 0.99 agreement".
+SMOOTH_QUANT_ALPHA = 0.9
+
+
 class QuantizeConfig(StageBase):
-    """Dynamic INT8 through Optimum's `ORTQuantizer`."""
+    """INT8 through Optimum's `ORTQuantizer` (dynamic or static), after SmoothQuant."""
 
     type: Literal["quantize"]
     instruction_set: Literal["auto", "avx512_vnni", "avx512", "avx2", "arm64"] = Field(
@@ -391,22 +395,38 @@ class QuantizeConfig(StageBase):
         description="dynamic: activation scales computed per call (an answer can depend on what else is in the "
         "call); static: scales calibrated once on training texts (answers independent of the call).",
     )
-    calibration_samples: PositiveInt = Field(300, description="static: training texts the ranges are calibrated on.")
+    calibration_samples: PositiveInt = Field(
+        300, description="static and smooth_quant: training texts the ranges and activation maxima come from."
+    )
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
         "minmax", description="static: ONNX Runtime's calibration method (percentile at 99.99)."
     )
-    per_channel: bool = Field(
-        False, description="One scale per output channel: closer to FP32, slightly larger and slower on some kernels."
+    smooth_quant: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        SMOOTH_QUANT_ALPHA,
+        description="SmoothQuant's migration strength alpha before INT8: activation outliers divided out per channel "
+        "and multiplied into the weights (0: none moved, 1: all); null to skip. Needs per_channel.",
+    )
+    per_channel: bool = Field(True, description="One weight scale per output channel: closer to FP32, slightly larger.")
+    embeddings: Literal["int8_rows", "int8", "fp32"] = Field(
+        "int8_rows",
+        description="Embedding tables: int8_rows: INT8 with one scale per token's vector; int8: ONNX Runtime's "
+        "quantizer, one scale for the whole table (less accurate); fp32: left as they are (largest file).",
     )
     parity: ParityGate = Field(
         ParityGate(min_agreement=0.99), description="Parity the INT8 graph must keep with its source."
     )
 
     @model_validator(mode="after")
-    def _calibration_is_static(self):
-        given = sorted({"calibration_samples", "calibration_method"} & self.model_fields_set)
-        if given and self.mode != "static":
-            raise ValueError(f"{', '.join(given)} only apply with mode: static")
+    def _calibration_is_used(self):
+        if "calibration_method" in self.model_fields_set and self.mode != "static":
+            raise ValueError("calibration_method only applies with mode: static")
+        if "calibration_samples" in self.model_fields_set and self.mode != "static" and self.smooth_quant is None:
+            raise ValueError("calibration_samples only applies with mode: static or smooth_quant")
+        if self.smooth_quant is not None and not self.per_channel:
+            raise ValueError(
+                "smooth_quant needs per_channel: true (smoothed weight rows differ in range, which one scale for "
+                "the whole matrix loses); set per_channel: true or smooth_quant: null"
+            )
         return self
 
     input_format: ClassVar[str | None] = "onnx"
