@@ -94,3 +94,15 @@ def test_int8_embedding_rows_answer_as_fp32_tables(graphs, tmp_path):
     after = load_model(folder, "onnx", 16, 1, "cpu").logits(TEXTS)
     assert (after.argmax(-1) == before.argmax(-1)).all()
     np.testing.assert_allclose(after, before, atol=0.02)
+
+
+def test_quantize_without_data_says_what_to_change(graphs, tmp_path):
+    from toolkit.config import QuantizeConfig
+    from toolkit.stages import quantize
+    from toolkit.stages.base import StageContext
+
+    source = Artifact(graphs / "optimize", "onnx", "optimize")
+    ctx = StageContext(run_dir=tmp_path, out_dir=tmp_path / "q", source=source, max_length=16)
+    (tmp_path / "q").mkdir()
+    with pytest.raises(ValueError, match="set smooth_quant: null with mode: dynamic"):
+        quantize.run(QuantizeConfig(type="quantize"), ctx)

@@ -1,5 +1,8 @@
-"""`quantize`: dynamic INT8 through Optimum's `ORTQuantizer` (weights INT8 ahead of time, activations
-quantized on the fly), with the instruction set's kernel configuration detected from the CPU or named.
+"""`quantize`: INT8 through Optimum's `ORTQuantizer`, dynamic (weights INT8 ahead of time, activations quantized
+on the fly) or static (activation ranges calibrated on training texts), with the instruction set's kernel
+configuration detected from the CPU or named. Before it, SmoothQuant (`toolkit.stages.smoothing`) moves activation
+outliers into the weights, which then get one scale per output channel; after it, embedding tables become INT8
+with one scale per row.
 
 ONNX Runtime's quantizer cannot type the outputs of fused contrib ops (Attention, SkipLayerNormalization), so
 quantizing an O2/O3 graph as it is fails ("Unable to find data type for weight_name ..."). Symbolic shape
@@ -148,7 +151,10 @@ def int8_embedding_rows(path: Path, min_bytes: int = 1 << 20) -> list[str]:
 
 def training_texts(cfg: QuantizeConfig, ctx: StageContext) -> list[str]:
     if ctx.data is None:
-        raise ValueError("calibration reads the run's training texts; this context has no data")
+        raise ValueError(
+            "quantize calibrates on the run's training texts (smooth_quant, mode: static) and was given no data; "
+            "run it in a recipe, or set smooth_quant: null with mode: dynamic"
+        )
     return ctx.data.texts("train", limit=cfg.calibration_samples)
 
 

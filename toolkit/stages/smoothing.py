@@ -4,8 +4,9 @@ activation's range, which INT8 shares across all its channels, narrows.
 
     s_j = max|x_j| ** alpha / max|w_j| ** (1 - alpha)
 
-The graph gains one `Mul` by 1/s per smoothed activation (a BERT layer's LayerNorm output also feeds the residual
-and GELU is not linear, so the factor cannot be folded into the op before). Activation maxima come from the
+A fused Attention's output takes the factor through its value weights and bias; every other smoothed activation
+gets a `Mul` by 1/s (a BERT layer's LayerNorm output also feeds the residual and GELU is not linear, so the factor
+cannot be folded into the op before). Activation maxima come from the
 calibration texts, padding excluded. Weights then need one scale per output channel (`per_channel`): the rows now
 differ in range, which a single weight scale would lose.
 """
