@@ -125,7 +125,8 @@ def int8_embedding_rows(path: Path, min_bytes: int = 1 << 20) -> list[str]:
     for node in readers:
         name = node.input[0]
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if node.op_type != "Gather" or axis != 0 or sum(r.input[0] == name for r in readers) > 1:
+        uses = sum(name in n.input for n in graph.node)  # a table read anywhere else (tied weights) stays
+        if node.op_type != "Gather" or axis != 0 or uses > 1:
             continue
         table = numpy_helper.to_array(tables[name])
         if table.nbytes < min_bytes:
