@@ -1,4 +1,5 @@
-"""What the ONNX stages share: what a graph holds, and the check that a stage was handed an ONNX model."""
+"""What the ONNX stages share: what a graph holds, the check that a stage was handed an ONNX model, and the node
+order graph rewrites need."""
 
 from __future__ import annotations
 
@@ -48,3 +49,23 @@ def onnx_source(ctx: StageContext, stage_type: str) -> Artifact:
             "put an `export` stage before it"
         )
     return ctx.source
+
+
+def topological_sort(graph) -> None:
+    """Nodes in an order where every input is produced before it is read: graph rewrites append their new nodes
+    at the end."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise ValueError(f"the graph has a cycle or an unproduced input at {waiting[0].name!r}")
+        pending = waiting
+    del graph.node[:]
+    graph.node.extend(ordered)

@@ -117,6 +117,8 @@ def int8_embedding_rows(path: Path, min_bytes: int = 1 << 20) -> list[str]:
     import onnx
     from onnx import helper, numpy_helper
 
+    from toolkit.stages.onnx_common import topological_sort
+
     model = onnx.load(str(path))
     graph = model.graph
     tables = {t.name: t for t in graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT}
@@ -145,7 +147,7 @@ def int8_embedding_rows(path: Path, min_bytes: int = 1 << 20) -> list[str]:
             helper.make_node("Mul", [f"{out}/float", f"{out}/row_scale"], [out], name=f"{name}/dequantize"),
         ])  # fmt: skip
         done.append(name)
-    smoothing.topological_sort(graph)
+    topological_sort(graph)
     onnx.save(model, str(path))
     return done
 

@@ -61,6 +61,8 @@ def smooth(path: Path, batches, alpha: float) -> dict:
     import onnx
     from onnx import numpy_helper
 
+    from toolkit.stages.onnx_common import topological_sort
+
     start = time.perf_counter()
     model = onnx.load(str(path))
     graph = model.graph
@@ -117,22 +119,3 @@ def fold_into_attention(graph, name: str, readers: list, s: np.ndarray, weights:
         array[..., -len(s) :] /= s
         weights[producer.input[index]].CopyFrom(numpy_helper.from_array(array, producer.input[index]))
     return True
-
-
-def topological_sort(graph) -> None:
-    """Nodes in an order where every input is produced before it is read (the new Muls went in at the end)."""
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        waiting = []
-        for node in pending:
-            if all(i in ready for i in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                waiting.append(node)
-        if len(waiting) == len(pending):
-            raise ValueError(f"the graph has a cycle or an unproduced input at {waiting[0].name!r}")
-        pending = waiting
-    del graph.node[:]
-    graph.node.extend(ordered)
