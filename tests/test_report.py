@@ -54,8 +54,8 @@ def run(recipe_path: Path) -> dict:
 
 @pytest.mark.slow
 def test_disturbed_measurement_is_flagged_and_selection_unchanged(toy_recipe, write_recipe, monkeypatch):
-    """A CPU-burning job during one stage's measurement: the report flags that stage's figures, and the choice,
-    made on the finalists timed side by side, is the one an undisturbed run makes."""
+    """A CPU-burning job during one stage's measurement: the report flags that stage's figures, and the choice
+    is made on the finalists timed side by side, not on the disturbed figures."""
     import toolkit.evaluation as evaluation
 
     # Enough calls that the measurement spans many of /proc/stat's 10 ms ticks (about a second on the tiny model).
@@ -76,8 +76,12 @@ def test_disturbed_measurement_is_flagged_and_selection_unchanged(toy_recipe, wr
     busy = run(path)
     load = busy["stages"][chosen]["evaluation"]["speed"]["load"]
     assert load["busy"] and load["others_cores"] >= 1.0
-    assert busy["selection"]["stage"] == chosen
-    assert busy["selection"]["candidates"][chosen]["side_by_side"]
+    # The choice rests on the side-by-side figures, not on the disturbed ones. (Which of two near-equal tiny
+    # graphs wins that timing is the machine's noise, so the test does not compare the two runs' choices.)
+    timing, candidates = busy["finalist_timing"], busy["selection"]["candidates"]
+    assert candidates[chosen]["side_by_side"]
+    assert candidates[chosen]["latency_p50_ms"] == timing[chosen]["latency_p50_ms"]
+    assert busy["selection"]["stage"] == min(timing, key=lambda name: timing[name]["latency_p50_ms"])
     report = (path.parent / "run" / "report.md").read_text()
     assert re.search(rf"- {chosen}: speed measured on a busy machine \(other processes used", report)
     assert "BUSY (" in report
