@@ -7,8 +7,8 @@ teacher (`train`), the student (`distill`) as PyTorch FP32, ONNX Runtime FP32 (`
 (`optimize`), ORT INT8 (the run's `quantize`), ORT's plain dynamic INT8 (per-tensor weights and embedding table,
 no SmoothQuant) and static INT8 (per-channel minmax, the stage's defaults otherwise), both made here by the
 `quantize` stage from `optimize`, OpenVINO FP32 and NNCF INT8 (made here by the `openvino` stage from
-`export`, or the run's own when it has them). Accuracy and agreement with the student's FP32 graph on the test
-split; batch-1 p50 and batch-32 throughput timed side by side (each model in turn, round after round), with
+`export`, or the run's own when it has them), and the run's INT8 made again without token packing. Accuracy and
+agreement with the student's FP32 graph on the test split; batch-1 p50 and batch-32 throughput timed side by side (each model in turn, round after round), with
 tokenisation, through `toolkit.runtime`, the service's path. One table, labelled with the CPU model and date.
 """
 
@@ -62,6 +62,14 @@ def models_of(run: Path, manifest: Manifest, data: PreparedData, max_length: int
             ("student, ORT FP32 optimized", stage_path(manifest, "optimize"), "onnx"),
             (f"student, ORT {int8_label(manifest)} (the run's)", stage_path(manifest, "quantize"), "onnx")]  # fmt: skip
     optimized, exported = stage_path(manifest, "optimize"), stage_path(manifest, "export")
+    run_cfg = (manifest.stage("quantize") or {}).get("config")
+    if run_cfg and run_cfg.get("pack_tokens", True):
+        # The run's INT8 without token packing: what packing gains at batch 32 and costs at batch 1.
+        defaults = QuantizeConfig(type="quantize").model_dump()  # only what the run changed: options cross-check
+        changed = {k: v for k, v in run_cfg.items() if v != defaults.get(k)}
+        unpacked = QuantizeConfig(**{**changed, "type": "quantize", "pack_tokens": False})
+        rows.append(("student, ORT INT8 (the run's), not packed",
+                     made_here("ort-unpacked", unpacked, optimized, data, max_length, tmp), "onnx"))  # fmt: skip
     # ONNX Runtime's quantizer as it comes: one scale per weight matrix and per embedding table, no smoothing.
     plain = QuantizeConfig(type="quantize", smooth_quant=None, per_channel=False, embeddings="int8")
     rows.append(("student, ORT dynamic INT8, plain", made_here("ort-plain", plain, optimized, data, max_length, tmp),

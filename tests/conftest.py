@@ -101,6 +101,17 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), corpus)
 
 
+@pytest.fixture(scope="session")
+def graphs(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model through export, optimize and quantize (no SmoothQuant): `graphs / stage`. Shared: copy a
+    folder before changing it."""
+    from toolkit.stages.chain import int8_from_pytorch
+
+    work = tmp_path_factory.mktemp("chain")
+    int8_from_pytorch(tiny_model, work)
+    return work
+
+
 @pytest.fixture
 def toy_data(tmp_path) -> Path:
     """A TSV training file of the separable toy task (validation/test are carved from it)."""

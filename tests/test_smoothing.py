@@ -11,17 +11,9 @@ import pytest
 
 from toolkit.runtime import Tokenizer, load_model, onnx_file
 from toolkit.stages.base import Artifact
-from toolkit.stages.chain import int8_from_pytorch
 from toolkit.stages.smoothing import smooth, smoothable
 
 TEXTS = ["the movie was good", "awful plot and it was dull", "a story", "brilliant actor, very lovely film"]
-
-
-@pytest.fixture(scope="module")
-def graphs(tiny_model, tmp_path_factory):
-    work = tmp_path_factory.mktemp("chain")
-    int8_from_pytorch(tiny_model, work)
-    return work
 
 
 @pytest.mark.parametrize(("stage", "activations", "nodes", "folded"), [("export", 8, 12, 0), ("optimize", 8, 8, 2)])

@@ -412,6 +412,13 @@ class QuantizeConfig(StageBase):
         description="Embedding tables: int8_rows: INT8 with one scale per token's vector; int8: ONNX Runtime's "
         "quantizer, one scale for the whole table (less accurate); fp32: left as they are (largest file).",
     )
+    pack_tokens: bool = Field(
+        True,
+        description="A call with padding runs its per-token work (projections, FFN, LayerNorm, GELU) on the real "
+        "tokens only, gathered after each fused attention and scattered back before the next; a call without "
+        "padding runs the graph as it was. Needs fused attention (an `optimize` stage before); otherwise the "
+        "manifest says why it was not applied.",
+    )
     parity: ParityGate = Field(
         ParityGate(min_agreement=0.99), description="Parity the INT8 graph must keep with its source."
     )

@@ -31,10 +31,24 @@ FUSED_OPS = (
 )
 
 
+# The `If` of a token-packed graph (`toolkit.stages.packing`): packed branch for calls with padding, else the graph
+# as it was.
+PACKING_IF = "pack/if_padded"
+
+
+def unpacked(graph):
+    """The graph a call without padding runs: a packed graph's plain branch, any other graph itself."""
+    for node in graph.node:
+        if node.op_type == "If" and node.name == PACKING_IF:
+            return next(a.g for a in node.attribute if a.name == "else_branch")
+    return graph
+
+
 def op_counts(path: Path) -> dict[str, int]:
+    """Ops of the graph (of its plain branch when packed: the packed one adds only gathers around the same ops)."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = unpacked(onnx.load(str(path), load_external_data=False).graph)
     return dict(Counter(node.op_type for node in graph.node).most_common())
 
 

@@ -2,7 +2,8 @@
 on the fly) or static (activation ranges calibrated on training texts), with the instruction set's kernel
 configuration detected from the CPU or named. Before it, SmoothQuant (`toolkit.stages.smoothing`) moves activation
 outliers into the weights, which then get one scale per output channel; after it, embedding tables become INT8
-with one scale per row.
+with one scale per row, and a call with padding runs its per-token work on the real tokens only
+(`toolkit.stages.packing`).
 
 ONNX Runtime's quantizer cannot type the outputs of fused contrib ops (Attention, SkipLayerNormalization), so
 quantizing an O2/O3 graph as it is fails ("Unable to find data type for weight_name ..."). Symbolic shape
@@ -14,7 +15,7 @@ import platform
 from pathlib import Path
 
 from toolkit.config import QuantizeConfig
-from toolkit.stages import smoothing
+from toolkit.stages import packing, smoothing
 from toolkit.stages.base import Artifact, StageContext, StageResult
 
 # ONNX Runtime's quantizer gives an embedding table one INT8 scale for every row: on the full recipe's student that
@@ -92,7 +93,9 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
         shutil.rmtree(work, ignore_errors=True)
     if cfg.embeddings == "int8_rows":
         info["int8_embedding_rows"] = int8_embedding_rows(onnx_file(ctx.out_dir))
-    counts = op_counts(onnx_file(ctx.out_dir))
+    counts = op_counts(onnx_file(ctx.out_dir))  # of the graph both packing branches run
+    if cfg.pack_tokens:
+        info["pack_tokens"] = packing.pack_tokens(onnx_file(ctx.out_dir))
     info.update(
         {
             "source": source.stage,

@@ -1,0 +1,296 @@
+"""Token packing: the per-token work of a fused-attention graph (projections, FFN, LayerNorm, GELU, residual
+adds, activation quantization) runs on the real tokens of a call only, not on its padding.
+
+A call pads every text to its longest (39 % of the tokens of the full recipe's batch-32 calls, after length
+bucketing); only attention needs the padded `[batch, seq, hidden]` layout. The rewrite gathers each attention
+output's real tokens into `[tokens, width]` and, before the next attention, gathers them back into the padded layout
+(a padding position takes any real row: attention masks it, and a copy changes no quantization range). Graph inputs
+and outputs are unchanged; in FP32 every real token's value is the same as before.
+
+Which tensors are per-token comes from running the graph once on a probe batch of an unusual shape, not from shape
+inference (ONNX Runtime's symbolic shape inference gives up on quantized contrib-op graphs).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.stages.onnx_common import PACKING_IF, topological_sort
+
+ATTENTION_OPS = ("Attention", "QAttention")
+# Ops that treat each token on its own (DynamicQuantizeLinear's range spans the call, padded or packed alike;
+# a padded call's range also took the padding positions' values, a packed one takes only real tokens).
+TOKENWISE_OPS = {
+    "Add", "Sub", "Mul", "Div", "Cast", "Identity", "Erf", "Tanh", "Relu", "Sigmoid", "Sqrt", "Pow",
+    "LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "BiasGelu", "Gelu",
+    "FastGelu", "QuickGelu", "BiasAdd", "MatMul", "MatMulInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "QLinearMatMul",
+    "QLinearAdd", "QLinearMul",
+}  # fmt: skip
+# token x weight only: their second input is a weight, never a per-token tensor
+WEIGHT_OPS = {"MatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul"}
+PROBE = (3, 7)  # batch, sequence: a shape no hidden width has
+HAS_PADDING = "pack/has_padding"
+
+
+def ort_errors() -> tuple[type[Exception], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.InvalidGraph, state.RuntimeException)
+
+
+class NotPackable(Exception):
+    """The graph has a tensor or op the rewrite does not know how to carry; it is left as it was."""
+
+
+def probe_shapes(model) -> dict[str, tuple]:
+    """Every tensor's shape on a probe batch of PROBE's shape."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    names = [o for n in probe.graph.node for o in n.output if o and o not in known]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    values = session.run(None, probe_feed(session, np.ones(PROBE, dtype=np.int64)))
+    return {o.name: v.shape for o, v in zip(session.get_outputs(), values, strict=True)}
+
+
+def probe_feed(session, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs for a BERT-family graph: token ids 5 (a real token in any vocabulary), the mask, token types 0."""
+    feed = {}
+    for i in session.get_inputs():
+        dtype = np.int32 if "int32" in i.type else np.int64
+        value = mask if i.name == "attention_mask" else np.full(mask.shape, 5 if i.name == "input_ids" else 0)
+        feed[i.name] = value.astype(dtype)
+    return feed
+
+
+class Packer:
+    """The index tensors (computed once per call from `attention_mask`) and the pack/unpack nodes."""
+
+    def __init__(self, graph, shapes: dict[str, tuple]):
+        from onnx import helper, numpy_helper
+
+        self.graph, self.shapes, self.helper = graph, shapes, helper
+        self.nodes: list = []
+        self.made: dict[str, str] = {}
+        for name, value in (("minus_one", [-1]), ("zero", 0), ("one", 1)):
+            graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), f"pack/{name}"))
+        self.add("Cast", ["attention_mask"], "pack/mask", to=7)  # int64
+        self.add("Reshape", ["pack/mask", "pack/minus_one"], "pack/mask_flat")
+        self.add("NonZero", ["pack/mask_flat"], "pack/nonzero")
+        self.add("Reshape", ["pack/nonzero", "pack/minus_one"], "pack/rows")  # flat position of each real token
+        # Packed row of each padded position (a padding position: row 0, any real row serves).
+        self.add("CumSum", ["pack/mask_flat", "pack/zero"], "pack/count")
+        self.add("Sub", ["pack/count", "pack/one"], "pack/row_index")
+        self.add("Mul", ["pack/row_index", "pack/mask_flat"], "pack/row_flat")
+        self.add("Shape", ["attention_mask"], "pack/batch_seq")
+        self.add("Reshape", ["pack/row_flat", "pack/batch_seq"], "pack/row_of")
+
+    def add(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+        self.nodes.append(self.helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    def pack(self, name: str, output: str | None = None) -> str:
+        """`[batch, seq, width]` -> `[tokens, width]` (named `output`), real tokens only."""
+        if f"pack:{name}" not in self.made:
+            shape = self.shapes[name]
+            if len(shape) != 3:
+                raise NotPackable(f"{name} has shape {shape}, not [batch, seq, width]")
+            width = f"pack/width_{shape[2]}"
+            if not any(t.name == width for t in self.graph.initializer):
+                from onnx import numpy_helper
+
+                self.graph.initializer.append(numpy_helper.from_array(np.array([-1, shape[2]], dtype=np.int64), width))
+            flat = self.add("Reshape", [name, width], f"{name}/flat")
+            self.made[f"pack:{name}"] = self.add("Gather", [flat, "pack/rows"], output or f"{name}/packed", axis=0)
+        return self.made[f"pack:{name}"]
+
+    def unpack(self, name: str) -> str:
+        """`[tokens, width]` -> `[batch, seq, width]`, a padding position holding a copy of a real row."""
+        if f"unpack:{name}" not in self.made:
+            self.made[f"unpack:{name}"] = self.add("Gather", [name, "pack/row_of"], f"{name}/unpacked", axis=0)
+        return self.made[f"unpack:{name}"]
+
+    def rows_at(self, position: str) -> str:
+        """The packed row of each text's token at `position` (an int64 scalar): `[batch]`."""
+        return self.add("Gather", ["pack/row_of", position], f"pack/rows_at_{position}", axis=1)
+
+
+def is_token(shape: tuple | None) -> bool:
+    return shape is not None and len(shape) >= 3 and tuple(shape[:2]) == PROBE
+
+
+def small_operand(name: str, constants: set[str], shapes: dict[str, tuple]) -> bool:
+    """A weight, bias, scale or zero point: the same for every token."""
+    if name == "" or name in constants:
+        return True
+    shape = shapes.get(name)
+    return shape is not None and len(shape) <= 1 and not set(shape) & {*PROBE, PROBE[0] * PROBE[1]}
+
+
+def scalar_position(node, constants: dict[str, np.ndarray]) -> bool:
+    """A `hidden[:, k]` pooler: Gather on axis 1 with a constant scalar index."""
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    index = constants.get(node.input[1])
+    return axis == 1 and index is not None and index.ndim == 0
+
+
+def rewrite(graph, shapes: dict[str, tuple]) -> dict:
+    from onnx import numpy_helper
+
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})  # fmt: skip
+    packer = Packer(graph, shapes)
+    packed: set[str] = set()
+    counts = {"attention": 0, "tokenwise": 0, "unpacked_for": []}
+    for node in list(graph.node):
+        if node.op_type in ATTENTION_OPS:
+            if node.input[0] in packed:
+                node.input[0] = packer.unpack(node.input[0])
+            out = node.output[0]
+            node.output[0] = f"{out}/padded"
+            shapes[node.output[0]] = shapes[out]
+            packer.pack(node.output[0], output=out)
+            packed.add(out)
+            counts["attention"] += 1
+            continue
+        if not packed.intersection(node.input):
+            continue
+        if node.op_type in TOKENWISE_OPS:
+            for k, name in enumerate(node.input):
+                if name in packed:
+                    continue
+                if is_token(shapes.get(name)) and not (node.op_type in WEIGHT_OPS and k > 0):
+                    node.input[k] = packer.pack(name)  # a residual from before the first attention
+                elif not small_operand(name, constants.keys(), shapes):
+                    raise NotPackable(f"{node.op_type} {node.name!r} reads {name} {shapes.get(name)}")
+            for attr in node.attribute:
+                if attr.name == "axis" and attr.i not in (-1, 2):
+                    raise NotPackable(f"{node.op_type} {node.name!r} works on axis {attr.i}")
+                if attr.name == "axis":
+                    attr.i = -1
+            packed.update(o for o in node.output if is_token(shapes.get(o)))
+            counts["tokenwise"] += 1
+        elif node.op_type == "Gather" and node.input[0] in packed and scalar_position(node, constants):
+            node.input[1] = packer.rows_at(node.input[1])
+            next(a for a in node.attribute if a.name == "axis").i = 0
+            counts["unpacked_for"].append("pooler Gather (its rows only)")
+        else:
+            for k, name in enumerate(node.input):
+                if name in packed:
+                    node.input[k] = packer.unpack(name)
+            counts["unpacked_for"].append(node.op_type)
+    for output in graph.output:
+        if output.name in packed:
+            raise NotPackable(f"graph output {output.name} is per token")
+    if not counts["attention"]:
+        raise NotPackable("no fused attention (Attention or QAttention) to pack around")
+    graph.node.extend(packer.nodes)
+    topological_sort(graph)
+    del graph.value_info[:]  # shapes of the rewritten tensors changed
+    return counts
+
+
+def wrap(plain, packed):
+    """One graph that runs `packed` when the call has padding and `plain` when it has none (a call of one text, or
+    of texts of one length): packing would only add its gathers there. The weights stay in the outer graph, which
+    both branches read."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(plain)
+    outputs = [o.name for o in plain.graph.output]
+    branches = [branch(g, outputs, tag) for g, tag in ((packed.graph, "packed"), (plain.graph, "padded"))]
+    # The plain branch keeps the shapes the graph had: ONNX Runtime's shape-dependent fusions (SkipLayerNorm)
+    # then treat it as they treat the graph unpacked.
+    branches[1].value_info.extend(v for v in plain.graph.value_info if v.name not in outputs)
+    zero = numpy_helper.from_array(np.array(0, dtype=np.int64), "pack/no_token")
+    graph = model.graph
+    del graph.node[:], graph.initializer[:], graph.value_info[:]
+    graph.initializer.extend([*packed.graph.initializer, zero])
+    graph.node.extend([
+        helper.make_node("ReduceMin", ["attention_mask"], ["pack/min_mask"], name=HAS_PADDING + "/min", keepdims=0),
+        helper.make_node("Equal", ["pack/min_mask", zero.name], [HAS_PADDING], name=HAS_PADDING),
+        helper.make_node("If", [HAS_PADDING], outputs, name=PACKING_IF, then_branch=branches[0],
+                         else_branch=branches[1]),
+    ])  # fmt: skip
+    onnx.checker.check_model(model)
+    return model
+
+
+def branch(graph, outputs: list[str], tag: str):
+    """`graph`'s nodes as an If branch: no inputs or weights of its own (both come from the outer graph), its
+    outputs renamed (a branch may not redefine a name of the outer graph)."""
+    from onnx import helper
+
+    renamed = {name: f"{name}/{tag}" for name in outputs}
+    nodes = []
+    for node in graph.node:
+        copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
+                                [renamed.get(o, o) for o in node.output], name=node.name, domain=node.domain)  # fmt: skip
+        copy.attribute.extend(node.attribute)
+        nodes.append(copy)
+    results = []
+    for value in graph.output:
+        result = type(value)()
+        result.CopyFrom(value)
+        result.name = renamed[value.name]
+        results.append(result)
+    return helper.make_graph(nodes, tag, [], results)
+
+
+def check_runs(model, original) -> None:
+    """The rewritten graph runs at full optimization: on a padded probe it gives the original's output shape, on
+    an unpadded one the original's answers (the plain branch)."""
+    import onnxruntime as ort
+
+    padded = np.ones(PROBE, dtype=np.int64)
+    padded[1, 4:] = padded[2, 2:] = 0
+    sessions = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (original, model)
+    ]
+    answers = {}
+    for name, mask in (("padded", padded), ("unpadded", np.ones(PROBE, dtype=np.int64))):
+        before, after = (s.run(None, probe_feed(s, mask))[0] for s in sessions)
+        if before.shape != after.shape or not np.isfinite(after).all():
+            raise NotPackable(f"the packed graph answers {after.shape}, the original {before.shape}")
+        answers[name] = before, after
+    # Within rounding: ONNX Runtime may pick another kernel order inside a branch.
+    before, after = answers["unpadded"]
+    if not np.allclose(before, after, rtol=1e-4, atol=1e-5):
+        raise NotPackable(f"the plain branch answers up to {np.abs(before - after).max():.2g} off the original")
+
+
+def pack_tokens(path: Path) -> dict:
+    """Rewrite the ONNX file at `path` in place where it can be packed; returns what the manifest records."""
+    import onnx
+
+    start = time.perf_counter()
+    original = onnx.load(str(path))
+    if "attention_mask" not in {i.name for i in original.graph.input}:
+        return {"applied": False, "reason": "the graph takes no attention_mask (nothing is padded)"}
+    if any(node.name == HAS_PADDING for node in original.graph.node):
+        return {"applied": False, "reason": "the graph is packed already"}
+    packed = onnx.ModelProto()
+    packed.CopyFrom(original)
+    try:
+        counts = rewrite(packed.graph, probe_shapes(original))
+        model = wrap(original, packed)
+        check_runs(model, original)
+    except NotPackable as exc:
+        return {"applied": False, "reason": str(exc)}
+    except ort_errors() as exc:  # the probe could not run the graph (inputs of another kind): left as it was
+        return {"applied": False, "reason": f"{type(exc).__name__}: {exc}"}
+    onnx.save(model, str(path))
+    return {"applied": True, **counts, "seconds": round(time.perf_counter() - start, 2)}
