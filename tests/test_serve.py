@@ -52,14 +52,34 @@ def reference(folder: Path, texts: list[str]) -> tuple[list[int], list[float]]:
     return ids.tolist(), probs[np.arange(len(ids)), ids].tolist()
 
 
+def packed_graph(exported: Path, dest: Path) -> Path:
+    """The exported graph fused (`optimize`) and token-packed as `quantize` packs its INT8 graph, in FP32: the
+    service runs the packed branch for a padded call and the plain one for a single text, and answers as the
+    unpacked graph does, within rounding."""
+    from toolkit.config import OptimizeConfig
+    from toolkit.runtime import onnx_file
+    from toolkit.stages import optimize
+    from toolkit.stages.base import StageContext
+    from toolkit.stages.packing import pack_tokens
+
+    dest.mkdir()
+    source = Artifact(exported, "onnx", "export")
+    optimize.run(OptimizeConfig(type="optimize"), StageContext(run_dir=dest.parent, out_dir=dest, source=source))
+    assert pack_tokens(onnx_file(dest))["applied"]
+    return dest
+
+
 @pytest.fixture
 def packaged_onnx(tiny_model, tmp_path) -> Path:
+    """The store holds the packed graph; returned is the plain export, which the service's answers are checked
+    against."""
     from toolkit.stages.package import save_to_store
 
-    folder = onnx_folder(classifier_folder(tiny_model, tmp_path / "pt"), tmp_path / "onnx")
+    exported = onnx_folder(classifier_folder(tiny_model, tmp_path / "pt"), tmp_path / "onnx")
+    folder = packed_graph(exported, tmp_path / "packed")
     meta = {"format": "onnx", "stage": "quantize", "labels": LABELS, "max_length": MAX_LENGTH, "recipe": "toy"}
     save_to_store("toy-onnx", Artifact(folder, "onnx", "quantize"), meta)
-    return folder
+    return exported
 
 
 def post(url: str, path: str, body) -> requests.Response:
