@@ -119,9 +119,14 @@ def test_family_runs_prune_distill_and_the_onnx_stages_with_every_gate_passing(f
     assert stages["prune"]["info"]["heads_per_layer"] == heads and stages["distill"]["info"]["student_layers"] == 1
     assert stages["prune"]["info"]["ffn_size"] == 32
     fused = stages["optimize"]["info"]["fused_ops"]
-    print(family, "fusions:", fused, "quantized:", stages["quantize"]["info"]["fused_ops"])
+    packing = stages["quantize"]["info"]["pack_tokens"]
+    print(family, "fusions:", fused, "quantized:", stages["quantize"]["info"]["fused_ops"], "packing:", packing)
     if family in FUSED_ATTENTION:
         assert fused.get("Attention") == 1, fused  # the one student layer's attention is fused
+    # Token packing goes where attention is fused (and the INT8 gate still passed), and says why not elsewhere.
+    assert packing["applied"] is (family in FUSED_ATTENTION), packing
+    if not packing["applied"]:
+        assert packing["reason"] == "no fused attention (Attention or QAttention) to pack around", packing
 
 
 def test_family_the_pruner_cannot_cut_fails_at_validation(family_recipe, tmp_path, tiny_model):
