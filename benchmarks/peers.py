@@ -1,6 +1,6 @@
 """The same student on every backend this machine has, and the teacher, side by side.
 
-    python benchmarks/peers.py runs/full [--threads 2] [--rounds 5] [--json rows.json]
+    python benchmarks/peers.py runs/full [--threads 2] [--rounds 5] [--alternating-rounds 3] [--json rows.json]
 
 RUN_DIR is a finished run of `recipes/full.yaml` (train ... distill, export, optimize, quantize). Rows: the PyTorch
 teacher (`train`), the student (`distill`) as PyTorch FP32, ONNX Runtime FP32 (`export`) and optimized FP32
@@ -8,8 +8,10 @@ teacher (`train`), the student (`distill`) as PyTorch FP32, ONNX Runtime FP32 (`
 no SmoothQuant) and static INT8 (per-channel minmax, the stage's defaults otherwise), both made here by the
 `quantize` stage from `optimize`, OpenVINO FP32 and NNCF INT8 (made here by the `openvino` stage from
 `export`, or the run's own when it has them), and the run's INT8 made again without token packing. Accuracy and
-agreement with the student's FP32 graph on the test split; batch-1 p50 and batch-32 throughput timed side by side (each model in turn, round after round), with
-tokenisation, through `toolkit.runtime`, the service's path. One table, labelled with the CPU model and date.
+agreement with the student's FP32 graph on the test split; batch-1 p50 and batch-32 throughput timed side by side
+(each model in turn, round after round), with tokenisation, through `toolkit.runtime`, the service's path. One
+table, labelled with the CPU model and date. A second table times the INT8 models' batch-32 graph calls alone,
+alternating every 16 calls (`--alternating-rounds`, 0 to skip): the steadier ratio on a VM whose speed drifts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import datetime
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,12 +86,41 @@ def models_of(run: Path, manifest: Manifest, data: PreparedData, max_length: int
     return [row for row in rows if row[1] is not None]
 
 
+def alternating_calls(models: dict, texts: list[str], rounds: int, block: int = 16, size: int = 32) -> dict:
+    """Batch-32 texts/s per round from graph calls alone (tokenised and bucketed beforehand, as the runtime cuts
+    them), the models taking turns every `block` calls in a random order: a slow spell of this VM falls on all of
+    them, so the ratios hold where whole-model rounds drift. One untimed pass first (OpenVINO compiles each new
+    input shape on its first call)."""
+    from toolkit.runtime.model import length_groups
+
+    calls = {}
+    for name, model in models.items():
+        batches = [model.tokenizer(texts[i : i + size]) for i in range(0, len(texts), size)]
+        lengths = [b["attention_mask"].sum(axis=1) for b in batches]
+        calls[name] = [{k: v[g, : n[g].max()] for k, v in b.items()}
+                       for b, n in zip(batches, lengths, strict=True) for g in length_groups(n)]  # fmt: skip
+        for call in calls[name]:
+            model.run(call)
+    count = min(len(c) for c in calls.values())
+    seconds = {name: np.zeros(rounds) for name in models}
+    order = np.random.default_rng(0)
+    for r in range(rounds):
+        for start in range(0, count, block):
+            for name in order.permutation(list(models)):
+                began = time.perf_counter()
+                for call in calls[name][start : start + block]:
+                    models[name].run(call)
+                seconds[name][r] += time.perf_counter() - began
+    return {name: (len(texts) / s).tolist() for name, s in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--alternating-rounds", type=int, default=3, help="0: no graph-call table")
     args = parser.parse_args()
     manifest = Manifest.load(args.run)
     data = PreparedData(args.run / "data", manifest.data["data"]["label_names"], manifest.data["data"]["fingerprint"])
@@ -102,6 +134,8 @@ def main() -> None:
             threads=args.threads, latency_samples=300 * args.rounds, throughput_samples=1024 * args.rounds
         )
         timing = side_by_side({name: model.logits for name, model in models.items()}, texts, speed, args.rounds)
+        int8 = {name: model for name, model in models.items() if "INT8" in name}
+        alternating = alternating_calls(int8, texts, args.alternating_rounds) if args.alternating_rounds else {}
     reference, teacher = ids["student, ORT FP32"], timing["teacher, PyTorch FP32"]
     print(f"CPU: {cpu_model()}, {datetime.date.today()}, {args.threads} threads, {len(texts)} test texts, "
           f"{args.rounds} rounds side by side (run: {args.run})")  # fmt: skip
@@ -116,11 +150,27 @@ def main() -> None:
         print(f"{name:<40} {row['accuracy']:>8.2%} {row['agreement_fp32']:>10.2%} {t['latency_p50_ms']:>9.2f} "
               f"{t['throughput_per_s']:>7.0f} {teacher['latency_p50_ms'] / t['latency_p50_ms']:>6.1f} "
               f"{t['throughput_per_s'] / teacher['throughput_per_s']:>6.1f}")  # fmt: skip
+    if alternating:
+        base = next((n for n in alternating if "OpenVINO" in n), next(iter(alternating)))
+        print(f"\nbatch 32, graph calls only, models alternating every 16 calls ({args.alternating_rounds} rounds); "
+              f"texts/s per round, and over {base!r} per round:")  # fmt: skip
+        for name, rates in alternating.items():
+            ratios = np.array(rates) / np.array(alternating[base])
+            print(f"{name:<40} {' '.join(f'{x:>6.0f}' for x in rates)}   x {' '.join(f'{x:.2f}' for x in ratios)} "
+                  f"(median {np.median(ratios):.2f})")  # fmt: skip
     busy = [r["model"] for r in out if (r["load"] or {}).get("busy")]
     print(f"load: {'BUSY during ' + ', '.join(busy) if busy else 'no other process took a core while timing'}")
     if args.json:
         args.json.write_text(
-            json.dumps({"cpu": cpu_model(), "date": str(datetime.date.today()), "rows": out}, indent=2)
+            json.dumps(
+                {
+                    "cpu": cpu_model(),
+                    "date": str(datetime.date.today()),
+                    "rows": out,
+                    "alternating_graph_calls_b32": alternating,
+                },
+                indent=2,
+            )  # fmt: skip
         )
 
 

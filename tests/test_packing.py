@@ -58,6 +58,14 @@ def test_graphs_packing_cannot_help_are_left_as_they_are(graphs, tmp_path):
     _, again = packed_copy(graphs / "quantize", tmp_path, "twice")
     assert again == {"applied": False, "reason": "the graph is packed already"}
 
+    external = shutil.copytree(graphs / "optimize", tmp_path / "external")
+    model = onnx.load(str(onnx_file(external)))
+    onnx.save(model, str(onnx_file(external)), save_as_external_data=True, size_threshold=0)
+    assert pack_tokens(onnx_file(external)) == {
+        "applied": False,
+        "reason": "the graph keeps its weights in external data files",
+    }
+
 
 def test_quantize_records_packing_and_can_leave_it_out(graphs, tmp_path):
     from toolkit.config import QuantizeConfig

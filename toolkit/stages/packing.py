@@ -277,7 +277,10 @@ def pack_tokens(path: Path) -> dict:
     import onnx
 
     start = time.perf_counter()
-    original = onnx.load(str(path))
+    original = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in original.graph.initializer):
+        # The probe and the rewrite hold the whole graph in one protobuf, which stops at 2 GB.
+        return {"applied": False, "reason": "the graph keeps its weights in external data files"}
     if "attention_mask" not in {i.name for i in original.graph.input}:
         return {"applied": False, "reason": "the graph takes no attention_mask (nothing is padded)"}
     if any(node.name == HAS_PADDING for node in original.graph.node):
