@@ -84,3 +84,62 @@ def test_quantize_records_packing_and_can_leave_it_out(graphs, tmp_path):
     assert results[True].info["op_counts"] == results[False].info["op_counts"]
     names = {n.name for n in onnx.load(str(onnx_file(results[False].artifact.path))).graph.node}
     assert HAS_PADDING not in names
+
+
+def tiny_graph(path, bias_shape: tuple[int, ...]):
+    """Embeddings -> fused Attention -> residual Add -> Add of a constant of `bias_shape` -> LayerNorm -> the first
+    token -> a classifier: the shape of a BERT layer, small enough to read."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    hidden, vocab = 8, 20
+    weights = {
+        "E": rng.normal(size=(vocab, hidden)), "W": rng.normal(size=(hidden, 3 * hidden)) / 3,
+        "b": rng.normal(size=3 * hidden), "C": rng.normal(size=bias_shape), "g": np.ones(hidden),
+        "beta": np.zeros(hidden), "Wc": rng.normal(size=(hidden, 2)),
+    }  # fmt: skip
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    inits += [numpy_helper.from_array(np.array([1], np.int64), "axes"), numpy_helper.from_array(np.array(0), "first")]
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["emb"]),
+        helper.make_node("Cast", ["attention_mask"], ["mask32"], to=TensorProto.INT32),
+        helper.make_node("ReduceSum", ["mask32", "axes"], ["lengths"], keepdims=0),
+        helper.make_node("Attention", ["emb", "W", "b", "lengths"], ["att"], domain="com.microsoft", num_heads=2),
+        helper.make_node("Add", ["att", "emb"], ["res"]),
+        helper.make_node("Add", ["res", "C"], ["shifted"]),
+        helper.make_node("LayerNormalization", ["shifted", "g", "beta"], ["ln"], axis=-1),
+        helper.make_node("Gather", ["ln", "first"], ["cls"], axis=1),
+        helper.make_node("MatMul", ["cls", "Wc"], ["logits"]),
+    ]
+    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"]) for n in ("input_ids", "attention_mask")]
+    out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 2])]
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "tiny", ids, out, inits), opset_imports=opsets), path)
+    return path
+
+
+def run_graph(path, ids, mask):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+
+def test_rewrite_packs_a_residual_from_before_attention_and_refuses_an_operand_that_would_broadcast_wrong(tmp_path):
+    ids = np.array([[1, 5, 7, 2, 0], [1, 9, 2, 0, 0], [1, 3, 4, 6, 2]], dtype=np.int64)
+    mask = (ids > 0).astype(np.int64)
+    path = tiny_graph(tmp_path / "bias.onnx", (8,))
+    before = run_graph(path, ids, mask)
+
+    info = pack_tokens(path)
+
+    assert info["applied"] and info["attention"] == 1 and info["tokenwise"] == 3, info  # two Adds, LayerNorm
+    np.testing.assert_allclose(run_graph(path, ids, mask), before, atol=1e-5)
+    np.testing.assert_allclose(run_graph(path, ids[:1], mask[:1]), before[:1], atol=1e-5)  # unpadded: plain branch
+
+    # A per-position constant ([1, seq, hidden]-like) would meet [tokens, hidden] rows it was not made for.
+    wrong = tiny_graph(tmp_path / "position.onnx", (1, 1, 8))
+    original = wrong.read_bytes()
+    info = pack_tokens(wrong)
+    assert not info["applied"] and "reads C (1, 1, 8)" in info["reason"], info
+    assert wrong.read_bytes() == original

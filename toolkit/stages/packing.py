@@ -30,8 +30,9 @@ TOKENWISE_OPS = {
     "DynamicQuantizeMatMul", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "QLinearMatMul",
     "QLinearAdd", "QLinearMul",
 }  # fmt: skip
-# token x weight only: their second input is a weight, never a per-token tensor
-WEIGHT_OPS = {"MatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul"}
+# token x weight only: which input is the weight (never a per-token tensor)
+WEIGHT_INPUT = {"MatMul": 1, "MatMulInteger": 1, "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1,
+                "QLinearMatMul": 3}  # fmt: skip
 PROBE = (3, 7)  # batch, sequence: a shape no hidden width has
 HAS_PADDING = "pack/has_padding"
 
@@ -129,12 +130,15 @@ def is_token(shape: tuple | None) -> bool:
     return shape is not None and len(shape) >= 3 and tuple(shape[:2]) == PROBE
 
 
-def small_operand(name: str, constants: set[str], shapes: dict[str, tuple]) -> bool:
-    """A weight, bias, scale or zero point: the same for every token."""
-    if name == "" or name in constants:
+def small_operand(name: str, constants: dict[str, np.ndarray], shapes: dict[str, tuple], weight: bool) -> bool:
+    """A weight (`weight`: a MatMul's second input), bias, scale or zero point: the same for every token, and of a
+    rank that broadcasts over `[tokens, width]` as it did over `[batch, seq, width]`."""
+    if name == "":
         return True
-    shape = shapes.get(name)
-    return shape is not None and len(shape) <= 1 and not set(shape) & {*PROBE, PROBE[0] * PROBE[1]}
+    shape = constants[name].shape if name in constants else shapes.get(name)
+    if shape is None or len(shape) > 2 or (len(shape) == 2 and not weight and shape[0] != 1):
+        return False
+    return name in constants or not set(shape) & {*PROBE, PROBE[0] * PROBE[1]}
 
 
 def scalar_position(node, constants: dict[str, np.ndarray]) -> bool:
@@ -170,10 +174,12 @@ def rewrite(graph, shapes: dict[str, tuple]) -> dict:
             for k, name in enumerate(node.input):
                 if name in packed:
                     continue
-                if is_token(shapes.get(name)) and not (node.op_type in WEIGHT_OPS and k > 0):
+                weight = WEIGHT_INPUT.get(node.op_type) == k
+                if is_token(shapes.get(name)) and not weight:
                     node.input[k] = packer.pack(name)  # a residual from before the first attention
-                elif not small_operand(name, constants.keys(), shapes):
-                    raise NotPackable(f"{node.op_type} {node.name!r} reads {name} {shapes.get(name)}")
+                elif not small_operand(name, constants, shapes, weight):
+                    shape = constants[name].shape if name in constants else shapes.get(name)
+                    raise NotPackable(f"{node.op_type} {node.name!r} reads {name} {shape}, not per token")
             for attr in node.attribute:
                 if attr.name == "axis" and attr.i not in (-1, 2):
                     raise NotPackable(f"{node.op_type} {node.name!r} works on axis {attr.i}")
