@@ -415,7 +415,7 @@ class QuantizeConfig(StageBase):
     pack_tokens: bool = Field(
         True,
         description="A call with padding runs its per-token work (projections, FFN, LayerNorm, GELU) on the real "
-        "tokens only, gathered after each fused attention and scattered back before the next; a call without "
+        "tokens only, gathered after each fused attention and gathered back before the next; a call without "
         "padding runs the graph as it was. Needs fused attention (an `optimize` stage before); otherwise the "
         "manifest says why it was not applied.",
     )
