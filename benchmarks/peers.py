@@ -91,14 +91,12 @@ def alternating_calls(models: dict, texts: list[str], rounds: int, block: int = 
     them), the models taking turns every `block` calls in a random order: a slow spell of this VM falls on all of
     them, so the ratios hold where whole-model rounds drift. One untimed pass first (OpenVINO compiles each new
     input shape on its first call)."""
-    from toolkit.runtime.model import length_groups
+    from toolkit.runtime.model import bucketed
 
     calls = {}
     for name, model in models.items():
         batches = [model.tokenizer(texts[i : i + size]) for i in range(0, len(texts), size)]
-        lengths = [b["attention_mask"].sum(axis=1) for b in batches]
-        calls[name] = [{k: v[g, : n[g].max()] for k, v in b.items()}
-                       for b, n in zip(batches, lengths, strict=True) for g in length_groups(n)]  # fmt: skip
+        calls[name] = [call for batch in batches for _, call in bucketed(batch)]
         for call in calls[name]:
             model.run(call)
     count = min(len(c) for c in calls.values())

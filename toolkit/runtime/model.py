@@ -55,6 +55,14 @@ def length_groups(lengths: np.ndarray, call_cost: int = 256) -> list[np.ndarray]
     return groups[::-1]
 
 
+def bucketed(batch: dict[str, np.ndarray]) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """A tokenised batch as the calls `logits` makes: (row indices, those rows cut to their longest text)."""
+    lengths = batch["attention_mask"].sum(axis=1)
+    return [
+        (index, {k: v[index, : lengths[index].max()] for k, v in batch.items()}) for index in length_groups(lengths)
+    ]
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
@@ -79,9 +87,7 @@ class InferenceModel:
         batch = self.tokenizer(texts)
         if not self.buckets or len(texts) < 2:
             return self.run(batch)
-        lengths = batch["attention_mask"].sum(axis=1)
-        parts = [(index, self.run({k: v[index, : lengths[index].max()] for k, v in batch.items()}))
-                 for index in length_groups(lengths)]  # fmt: skip
+        parts = [(index, self.run(call)) for index, call in bucketed(batch)]
         out = np.empty((len(texts), parts[0][1].shape[1]), dtype=np.float32)
         for index, logits in parts:
             out[index] = logits

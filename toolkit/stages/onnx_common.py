@@ -44,6 +44,21 @@ def unpacked(graph):
     return graph
 
 
+def tensor_session(model, names: list[str]):
+    """An ONNX Runtime session on a copy of `model` that also outputs the named intermediate tensors: no graph
+    optimization, which would fuse some of them away. Outputs without a declared type: ONNX Runtime fills it in."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def op_counts(path: Path) -> dict[str, int]:
     """Ops of the graph (of its plain branch when packed: the packed one adds only gathers around the same ops)."""
     import onnx

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.stages.onnx_common import PACKING_IF, topological_sort
+from toolkit.stages.onnx_common import PACKING_IF, tensor_session, topological_sort, unpacked
 
 ATTENTION_OPS = ("Attention", "QAttention")
 # Ops that treat each token on its own (DynamicQuantizeLinear's range spans the call, padded or packed alike;
@@ -49,17 +49,7 @@ class NotPackable(Exception):
 
 def probe_shapes(model) -> dict[str, tuple]:
     """Every tensor's shape on a probe batch of PROBE's shape."""
-    import onnx
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    names = [o for n in probe.graph.node for o in n.output if o and o not in known]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = tensor_session(model, [o for n in model.graph.node for o in n.output if o])
     values = session.run(None, probe_feed(session, np.ones(PROBE, dtype=np.int64)))
     return {o.name: v.shape for o, v in zip(session.get_outputs(), values, strict=True)}
 
@@ -241,19 +231,19 @@ def branch(graph, outputs: list[str], tag: str):
     from onnx import helper
 
     renamed = {name: f"{name}/{tag}" for name in outputs}
-    nodes = []
-    for node in graph.node:
-        copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
-                                [renamed.get(o, o) for o in node.output], name=node.name, domain=node.domain)  # fmt: skip
-        copy.attribute.extend(node.attribute)
-        nodes.append(copy)
-    results = []
-    for value in graph.output:
-        result = type(value)()
-        result.CopyFrom(value)
-        result.name = renamed[value.name]
-        results.append(result)
+    nodes, results = [copy_of(n) for n in graph.node], [copy_of(v) for v in graph.output]
+    for node in nodes:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+    for value in results:
+        value.name = renamed[value.name]
     return helper.make_graph(nodes, tag, [], results)
+
+
+def copy_of(message):
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
 
 
 def check_runs(model, original) -> None:
@@ -266,14 +256,11 @@ def check_runs(model, original) -> None:
     sessions = [
         ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (original, model)
     ]
-    answers = {}
-    for name, mask in (("padded", padded), ("unpadded", np.ones(PROBE, dtype=np.int64))):
+    for mask in (padded, np.ones(PROBE, dtype=np.int64)):  # the unpadded probe last: compared below
         before, after = (s.run(None, probe_feed(s, mask))[0] for s in sessions)
         if before.shape != after.shape or not np.isfinite(after).all():
             raise NotPackable(f"the packed graph answers {after.shape}, the original {before.shape}")
-        answers[name] = before, after
     # Within rounding: ONNX Runtime may pick another kernel order inside a branch.
-    before, after = answers["unpadded"]
     if not np.allclose(before, after, rtol=1e-4, atol=1e-5):
         raise NotPackable(f"the plain branch answers up to {np.abs(before - after).max():.2g} off the original")
 
@@ -289,7 +276,7 @@ def pack_tokens(path: Path) -> dict:
         return {"applied": False, "reason": "the graph keeps its weights in external data files"}
     if "attention_mask" not in {i.name for i in original.graph.input}:
         return {"applied": False, "reason": "the graph takes no attention_mask (nothing is padded)"}
-    if any(node.name == HAS_PADDING for node in original.graph.node):
+    if unpacked(original.graph) is not original.graph:
         return {"applied": False, "reason": "the graph is packed already"}
     packed = onnx.ModelProto()
     packed.CopyFrom(original)

@@ -35,15 +35,9 @@ def smoothable(graph) -> dict[str, list]:
 
 def activation_maxima(model, names: list[str], batches) -> dict[str, np.ndarray]:
     """Per-channel max |x| of each named tensor over the real (unpadded) tokens of `batches`."""
-    import onnx
-    import onnxruntime as ort
+    from toolkit.stages.onnx_common import tensor_session
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = tensor_session(model, names)
     wanted = [i.name for i in session.get_inputs()]
     maxima: dict[str, np.ndarray] = {}
     for batch in batches:
