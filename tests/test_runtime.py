@@ -4,6 +4,7 @@ give the same logits; a BERT graph whose tokenizer gives no `token_type_ids` run
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,24 @@ def test_tokenizer_matches_transformers(tiny_model):
     for name, array in ours.items():
         np.testing.assert_array_equal(array, theirs[name])
     assert ours["input_ids"].shape[1] == MAX_LENGTH
+
+
+def test_tokenizer_pads_as_encode_batch_with_any_pad_id(tiny_model, tmp_path):
+    """The serial encoding pads by hand: the same arrays as tokenizers' own batch padding, with a pad token
+    whose id is not 0, on texts of every length, truncated ones included."""
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "[SEP]"}))
+    tokenizer = Tokenizer(folder, 12)
+    assert tokenizer.pad_id != 0
+    texts = ["a", "", "great film " * 20, *TEXTS]
+    ours = tokenizer(texts)
+    theirs = tokenizer.tok.encode_batch(texts)
+    np.testing.assert_array_equal(ours["input_ids"], [e.ids for e in theirs])
+    np.testing.assert_array_equal(ours["attention_mask"], [e.attention_mask for e in theirs])
+    np.testing.assert_array_equal(ours["token_type_ids"], [e.type_ids for e in theirs])
+    assert ours["attention_mask"][1].sum() == 2 and (ours["input_ids"][1, 2:] == tokenizer.pad_id).all()
 
 
 @pytest.mark.parametrize("fmt", ["pytorch", "onnx"])

@@ -90,10 +90,11 @@ def spread(values: list[float]) -> float:
 
 def side_by_side(predictors: dict[str, Callable[[list[str]], Any]], texts: list[str], cfg: SpeedConfig,
                  rounds: int) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """The finalists timed in one session, each in turn, round after round (A B C A B C ...), so that a busy
-    spell falls on all of them alike, after one untimed round (OpenVINO compiles each new input shape on its first
-    call; ONNX Runtime and torch allocate). Per finalist: batch-1 p50/p95 over every round's calls, throughput over
-    every round's texts, and how far the rounds' p50 and throughput came apart (`*_spread`)."""
+    """The finalists timed in one session, each in turn, round after round, in a new order every round (A B C,
+    C A B, ...; seeded, so a run can be repeated), so that a busy spell falls on all of them alike and none always
+    runs right after the same one, after one untimed round (OpenVINO compiles each new input shape on its first call; ONNX
+    Runtime and torch allocate). Per finalist: batch-1 p50/p95 over every round's calls, throughput over every
+    round's texts, and how far the rounds' p50 and throughput came apart (`*_spread`)."""
     from toolkit.machine import LoadMeter
 
     n = cfg.throughput_batch_size
@@ -105,9 +106,11 @@ def side_by_side(predictors: dict[str, Callable[[list[str]], Any]], texts: list[
     for predict in predictors.values():  # a whole round untimed: each input shape's first call is not the figure
         time_calls(predict, [[t] for t in single], None)
         time_calls(predict, batches, None)
+    order = np.random.default_rng(0)
     with LoadMeter() as meter:
         for _ in tqdm(range(rounds), desc="finalists side by side", leave=False):
-            for name, predict in predictors.items():
+            for name in order.permutation(list(predictors)):
+                predict = predictors[name]
                 latencies[name].append(time_calls(predict, [[t] for t in single], None))
                 seconds[name].append(sum(time_calls(predict, batches, None)))
     return {
