@@ -63,8 +63,8 @@ class Tokenizer:
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         # One text after another, padded here, not `encode_batch`: that runs on tokenizers' thread pool, whose
         # threads go on spinning after the batch and take the cores from ONNX Runtime's own spinning threads.
-        # Serial encoding made the INT8 student's batch-32 path 8 % faster (alternating timings, AMD EPYC,
-        # 2 cores, 2026-12-02) and left OpenVINO's unchanged; it gives the same arrays (tests/test_runtime.py).
+        # Serial encoding made the INT8 student's batch-32 path 6 % faster (median of 8 alternating rounds, AMD
+        # EPYC, 2 cores, 2026-12-02) and left OpenVINO's unchanged; same arrays (tests/test_runtime.py).
         encodings = [self.tok.encode(text) for text in texts]
         width = max((len(e.ids) for e in encodings), default=0)
         rows = {
