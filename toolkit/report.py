@@ -240,7 +240,8 @@ def timing_lines(manifest: Manifest) -> list[str]:
     if not timing:
         return []
     first = next(iter(timing.values()))
-    lines = [f"Finalists timed side by side ({first['rounds']} rounds, each in turn; {describe_load(first['load'])}):"]
+    rounds = f"{first['rounds']} rounds, each in turn, in a new order every round"
+    lines = [f"Finalists timed side by side ({rounds}; {describe_load(first['load'])}):"]
     for name, t in timing.items():
         lines.append(
             f"- {name}: p50 {t['latency_p50_ms']:.2f} ms (rounds within ±{50 * t['latency_spread']:.0f}%), "
