@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toolkit.config import OpenVinoConfig, QuantizeConfig, SpeedConfig  # noqa: E402
 from toolkit.data import PreparedData  # noqa: E402
-from toolkit.evaluation import side_by_side  # noqa: E402
+from toolkit.evaluation import SETTLE_SECONDS, settle, side_by_side  # noqa: E402
 from toolkit.manifest import Artifact, Manifest  # noqa: E402
 from toolkit.runtime import cpu_model, load_model  # noqa: E402
 from toolkit.stages import openvino, quantize  # noqa: E402
@@ -89,8 +89,9 @@ def models_of(run: Path, manifest: Manifest, data: PreparedData, max_length: int
 def alternating_calls(models: dict, texts: list[str], rounds: int, block: int = 16, size: int = 32) -> dict:
     """Batch-32 texts/s per round from graph calls alone (tokenised and bucketed beforehand, as the runtime cuts
     them), the models taking turns every `block` calls in a random order: a slow spell of this VM falls on all of
-    them, so the ratios hold where whole-model rounds drift. One untimed pass first (OpenVINO compiles each new
-    input shape on its first call)."""
+    them, so the ratios hold where whole-model rounds drift. Each block opens with `SETTLE_SECONDS` of the
+    model's own calls, untimed (the previous model's threads may still spin). One untimed pass first (OpenVINO
+    compiles each new input shape on its first call)."""
     from toolkit.runtime.model import bucketed
 
     calls = {}
@@ -105,6 +106,7 @@ def alternating_calls(models: dict, texts: list[str], rounds: int, block: int = 
     for r in range(rounds):
         for start in range(0, count, block):
             for name in order.permutation(list(models)):
+                settle(models[name].run, calls[name][start], SETTLE_SECONDS)
                 began = time.perf_counter()
                 for call in calls[name][start : start + block]:
                     models[name].run(call)

@@ -88,13 +88,30 @@ def spread(values: list[float]) -> float:
     return float((max(values) - min(values)) / np.median(values)) if len(values) > 1 else 0.0
 
 
+# A finalist's turn starts with this long of its own calls, untimed: the previous finalist's threads may still be
+# spinning. After an ONNX Runtime FP32 session's calls of 32, the INT8 graph's next four calls took 37, 29, 24 and
+# 16 ms against 15-19 ms after its own (20 ms of pause left 25 ms for the first, 100 ms nothing; a predecessor
+# session that does not spin, nothing). Over 128 texts that is 1,296 texts/s against 1,965, and OpenVINO's INT8
+# lost 21 % the same way (AMD EPYC, 2 cores, 2026-12-02). A server runs one model; this times each as it would.
+SETTLE_SECONDS = 0.15
+
+
+def settle(predict: Callable[[list[str]], Any], texts: list[str], seconds: float) -> None:
+    """At least one call of `texts`, and more until `seconds` have passed."""
+    end = time.perf_counter() + seconds
+    predict(texts)
+    while time.perf_counter() < end:
+        predict(texts)
+
+
 def side_by_side(predictors: dict[str, Callable[[list[str]], Any]], texts: list[str], cfg: SpeedConfig,
                  rounds: int) -> dict[str, dict[str, Any]]:  # fmt: skip
     """The finalists timed in one session, each in turn, round after round, in a new order every round (A B C,
     C A B, ...; seeded, so a run can be repeated), so that a busy spell falls on all of them alike and none always
-    runs right after the same one, after one untimed round (OpenVINO compiles each new input shape on its first call; ONNX
-    Runtime and torch allocate). Per finalist: batch-1 p50/p95 over every round's calls, throughput over every
-    round's texts, and how far the rounds' p50 and throughput came apart (`*_spread`)."""
+    runs right after the same one. One untimed round first (OpenVINO compiles each new input shape on its first
+    call; ONNX Runtime and torch allocate), and each turn opens with `SETTLE_SECONDS` of untimed calls. Per
+    finalist: batch-1 p50/p95 over every round's calls, throughput over every round's texts, and how far the
+    rounds' p50 and throughput came apart (`*_spread`)."""
     from toolkit.machine import LoadMeter
 
     n = cfg.throughput_batch_size
@@ -111,6 +128,7 @@ def side_by_side(predictors: dict[str, Callable[[list[str]], Any]], texts: list[
         for _ in tqdm(range(rounds), desc="finalists side by side", leave=False):
             for name in order.permutation(list(predictors)):
                 predict = predictors[name]
+                settle(predict, batches[0], SETTLE_SECONDS)
                 latencies[name].append(time_calls(predict, [[t] for t in single], None))
                 seconds[name].append(sum(time_calls(predict, batches, None)))
     return {
