@@ -154,23 +154,29 @@ def test_a_lead_smaller_than_the_noise_is_said():
 
 
 def test_finalists_take_turns_in_a_new_order_every_round(monkeypatch):
-    """Each round times every finalist once, each turn opening with an untimed settling call, and the order
-    changes between rounds (seeded: a rerun repeats it)."""
+    """Each round times every finalist once on the next texts, each turn opening with an untimed settling call,
+    and the order changes between rounds (seeded: a rerun repeats it)."""
     from toolkit import evaluation
     from toolkit.config import SpeedConfig
 
     monkeypatch.setattr(evaluation, "SETTLE_SECONDS", 0.0)  # one settling call per turn
 
-    def turns() -> list[list[tuple[str, int]]]:
-        calls: list[tuple[str, int]] = []
-        predictors = {name: (lambda texts, name=name: calls.append((name, len(texts)))) for name in "ABCD"}
-        speed = SpeedConfig(latency_samples=10, throughput_batch_size=2, throughput_samples=2)
-        evaluation.side_by_side(predictors, ["a text", "another"], speed, rounds=6)
-        timed = calls[4 * 11 :]  # after the untimed round: 10 single texts and one batch each, in stage order
-        return [timed[k * 12 : k * 12 + 12] for k in range(6 * 4)]
+    texts = [f"text {i}" for i in range(200)]
+
+    def turns() -> list[list[tuple[str, tuple[str, ...]]]]:
+        calls: list[tuple[str, tuple[str, ...]]] = []
+        predictors = {name: (lambda batch, name=name: calls.append((name, tuple(batch)))) for name in "ABCD"}
+        speed = SpeedConfig(latency_samples=60, throughput_batch_size=2, throughput_samples=12)
+        evaluation.side_by_side(predictors, texts, speed, rounds=6)
+        timed = calls[4 * 66 :]  # after the untimed pass: every round's 10 single texts and 1 batch, per finalist
+        return [timed[t * 12 : t * 12 + 12] for t in range(6 * 4)]
 
     first = turns()
-    assert all(turn == [(turn[0][0], 2)] + [(turn[0][0], 1)] * 10 + [(turn[0][0], 2)] for turn in first)
+    for t, turn in enumerate(first):
+        r, name = t // 4, turn[0][0]
+        batch = tuple(texts[2 * r : 2 * r + 2])  # each round times the next texts
+        singles = [(name, (text,)) for text in texts[10 * r : 10 * r + 10]]
+        assert turn == [(name, batch), *singles, (name, batch)]  # settling call, then the timed ones
     rounds = [tuple(turn[0][0] for turn in first[r * 4 : r * 4 + 4]) for r in range(6)]
     assert all(sorted(r) == list("ABCD") for r in rounds)
     assert len(set(rounds)) > 1

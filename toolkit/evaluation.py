@@ -108,36 +108,38 @@ def side_by_side(predictors: dict[str, Callable[[list[str]], Any]], texts: list[
                  rounds: int) -> dict[str, dict[str, Any]]:  # fmt: skip
     """The finalists timed in one session, each in turn, round after round, in a new order every round (A B C,
     C A B, ...; seeded, so a run can be repeated), so that a busy spell falls on all of them alike and none always
-    runs right after the same one. One untimed round first (OpenVINO compiles each new input shape on its first
-    call; ONNX Runtime and torch allocate), and each turn opens with `SETTLE_SECONDS` of untimed calls. Per
-    finalist: batch-1 p50/p95 over every round's calls, throughput over every round's texts, and how far the
-    rounds' p50 and throughput came apart (`*_spread`)."""
+    runs right after the same one. Each round times the next texts of the split (`latency_samples` and
+    `throughput_samples` in all, as a stage's own timing), after one untimed pass over all of them (OpenVINO
+    compiles each new input shape on its first call; ONNX Runtime and torch allocate); each turn opens with
+    `SETTLE_SECONDS` of untimed calls. Per finalist: batch-1 p50/p95 over every round's calls, throughput over
+    every round's texts, and how far the rounds' p50 and throughput came apart (`*_spread`)."""
     from toolkit.machine import LoadMeter
 
     n = cfg.throughput_batch_size
-    single = [texts[i % len(texts)] for i in range(max(10, cfg.latency_samples // rounds))]
-    bulk = [texts[i % len(texts)] for i in range(max(n, cfg.throughput_samples // rounds))]
-    batches = [bulk[i : i + n] for i in range(0, len(bulk), n)]
+    k, m = max(10, cfg.latency_samples // rounds), max(n, cfg.throughput_samples // rounds)
+    singles = [[[texts[(r * k + i) % len(texts)]] for i in range(k)] for r in range(rounds)]
+    bulk = [[texts[(r * m + i) % len(texts)] for i in range(m)] for r in range(rounds)]
+    batches = [[part[i : i + n] for i in range(0, m, n)] for part in bulk]
     latencies: dict[str, list[list[float]]] = {name: [] for name in predictors}
     seconds: dict[str, list[float]] = {name: [] for name in predictors}
-    for predict in predictors.values():  # a whole round untimed: each input shape's first call is not the figure
-        time_calls(predict, [[t] for t in single], None)
-        time_calls(predict, batches, None)
+    for predict in predictors.values():  # untimed: each input shape's first call is not the figure
+        time_calls(predict, sum(singles, []), None)
+        time_calls(predict, sum(batches, []), None)
     order = np.random.default_rng(0)
     with LoadMeter() as meter:
-        for _ in tqdm(range(rounds), desc="finalists side by side", leave=False):
+        for r in tqdm(range(rounds), desc="finalists side by side", leave=False):
             for name in order.permutation(list(predictors)):
                 predict = predictors[name]
-                settle(predict, batches[0], SETTLE_SECONDS)
-                latencies[name].append(time_calls(predict, [[t] for t in single], None))
-                seconds[name].append(sum(time_calls(predict, batches, None)))
+                settle(predict, batches[r][0], SETTLE_SECONDS)
+                latencies[name].append(time_calls(predict, singles[r], None))
+                seconds[name].append(sum(time_calls(predict, batches[r], None)))
     return {
         name: {
             "latency_p50_ms": percentile_ms(sum(latencies[name], []), 50),
             "latency_p95_ms": percentile_ms(sum(latencies[name], []), 95),
             "latency_spread": spread([percentile_ms(r, 50) for r in latencies[name]]),
-            "throughput_per_s": rounds * len(bulk) / sum(seconds[name]),
-            "throughput_spread": spread([len(bulk) / s for s in seconds[name]]),
+            "throughput_per_s": rounds * m / sum(seconds[name]),
+            "throughput_spread": spread([m / s for s in seconds[name]]),
             "rounds": rounds,
             "load": meter.result,
         }
