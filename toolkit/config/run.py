@@ -188,8 +188,9 @@ class SelectConfig(Strict):
         5,
         ge=0,
         description="Before choosing, the candidates that meet the quality and size limits are timed again in one "
-        "session, each in turn (in a new order every round), this many rounds, and latency and throughput come from there (per-stage figures "
-        "are taken minutes apart, under whatever load the machine had then). 0: use the per-stage figures.",
+        "session, each in turn (in a new order every round), this many rounds, and latency and throughput come "
+        "from there (per-stage figures are taken minutes apart, under whatever load the machine had then). 0: use "
+        "the per-stage figures.",
     )
 
 
