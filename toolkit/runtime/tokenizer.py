@@ -16,6 +16,7 @@ import numpy as np
 from toolkit.errors import ToolkitError
 
 DEFAULT_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}  # of an Encoding
 
 
 class TokenizerError(ToolkitError, ValueError):
@@ -67,12 +68,12 @@ class Tokenizer:
         # EPYC, 2 cores, 2026-12-02) and left OpenVINO's unchanged; same arrays (tests/test_runtime.py).
         encodings = [self.tok.encode(text) for text in texts]
         width = max((len(e.ids) for e in encodings), default=0)
-        rows = {
-            "input_ids": ([e.ids for e in encodings], self.pad_id),
-            "attention_mask": ([e.attention_mask for e in encodings], 0),
-            "token_type_ids": ([e.type_ids for e in encodings], 0),
+        fills = {"ids": self.pad_id, "attention_mask": 0, "type_ids": 0}
+        return {
+            name: padded([getattr(e, FIELDS[name]) for e in encodings], fills[FIELDS[name]], width)
+            for name in self.input_names
+            if name in FIELDS
         }
-        return {name: padded(*rows[name], width) for name in self.input_names if name in rows}
 
 
 def padded(rows: list[list[int]], fill: int, width: int) -> np.ndarray:
