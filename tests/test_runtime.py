@@ -93,18 +93,35 @@ def test_tokenizer_matches_transformers(tiny_model):
     assert ours["input_ids"].shape[1] == MAX_LENGTH
 
 
-def test_tokenizer_pads_as_encode_batch_with_any_pad_id(tiny_model, tmp_path):
+@pytest.mark.parametrize(
+    ("template", "constant"), [(None, 0), ("[CLS]:1 $A:1 [SEP]:1", 1), ("[CLS]:0 $A:1 [SEP]:0", None)]
+)
+def test_tokenizer_pads_as_encode_batch_with_any_pad_id(tiny_model, tmp_path, template, constant):
     """The serial encoding pads by hand: the same arrays as tokenizers' own batch padding, with a pad token
-    whose id is not 0, on texts of every length, truncated ones included."""
+    whose id is not 0, on texts of every length, truncated ones included, from a tokenizer.json that pads to a
+    fixed length, whether a text's type ids are all 0 (BERT), all another id, or mixed."""
+    from tokenizers import Tokenizer as FastTokenizer
+    from tokenizers.processors import TemplateProcessing
+
     folder = tmp_path / "tok"
     shutil.copytree(tiny_model, folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "[SEP]"}))
+    reference = FastTokenizer.from_file(str(folder / "tokenizer.json"))
+    saved = FastTokenizer.from_file(str(folder / "tokenizer.json"))
+    saved.enable_padding(length=40)  # a tokenizer.json that pads every text to a fixed length
+    if template:
+        specials = [(t, saved.token_to_id(t)) for t in ("[CLS]", "[SEP]")]
+        reference.post_processor = TemplateProcessing(single=template, special_tokens=specials)
+        saved.post_processor = reference.post_processor
+    saved.save(str(folder / "tokenizer.json"))
     tokenizer = Tokenizer(folder, 12)
-    assert tokenizer.pad_id != 0
+    assert tokenizer.pad_id != 0 and tokenizer.constant_type_ids == constant
     texts = ["a", "", "great film " * 20, *TEXTS]
     ours = tokenizer(texts)
-    theirs = tokenizer.tok.encode_batch(texts)
+    reference.enable_truncation(12)
+    reference.enable_padding(pad_id=tokenizer.pad_id, pad_token="[SEP]")
+    theirs = reference.encode_batch(texts)
     np.testing.assert_array_equal(ours["input_ids"], [e.ids for e in theirs])
     np.testing.assert_array_equal(ours["attention_mask"], [e.attention_mask for e in theirs])
     np.testing.assert_array_equal(ours["token_type_ids"], [e.type_ids for e in theirs])
