@@ -4,20 +4,26 @@ family the pruning module cannot cut fails at validation, naming its model_type.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from toolkit.cli import app
 from toolkit.recipe import RecipeError, load_recipe
+from toolkit.runtime import load_model, onnx_file
+from toolkit.stages.pooled import pooled_tail
 
 CHAIN = [
     {"type": "train", "epochs": 8, "batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0},
     {"type": "prune", "heads_per_layer": 2, "ffn_size": 32, "importance_batches": 4},
     {"type": "distill", "student": {"num_layers": 1}, "epochs": 4, "batch_size": 16, "learning_rate": 2e-3},
     {"type": "export"},
-    {"type": "optimize"},
+    # A one-layer student's layer after its attention is all tail: left whole here so that packing has work on
+    # every family; the tail is cut on a copy in the test.
+    {"type": "optimize", "pooled_tail": False},
     {"type": "quantize", "instruction_set": "avx2"},
 ]
 
@@ -127,6 +133,17 @@ def test_family_runs_prune_distill_and_the_onnx_stages_with_every_gate_passing(f
     assert packing["applied"] is (family in FUSED_ATTENTION), packing
     if not packing["applied"]:
         assert packing["reason"] == "no fused attention (Attention or QAttention) to pack around", packing
+    # Every family here classifies from its first token: the tail cut answers as the whole graph.
+    whole = Path(stages["optimize"]["output"]["path"])
+    cut = shutil.copytree(whole, path.parent / "cut")
+    tail = pooled_tail(onnx_file(cut))
+    print(family, "pooled tail:", tail)
+    # Projection, residual, LayerNorms and FFN; ModernBERT's gated FFN splits its input with Slice (not taken as
+    # per-token): its tail starts at the gate's product.
+    assert tail["applied"] and tail["tail_ops"] >= (5 if family == "modernbert" else 8), tail
+    texts = ["a good film", "the plot was dull and slow, and far too long", "fine"]
+    before, after = (load_model(p, "onnx", 16, 1, "cpu") for p in (whole, cut))
+    np.testing.assert_allclose(after.logits(texts), before.logits(texts), atol=1e-5)
 
 
 def test_family_the_pruner_cannot_cut_fails_at_validation(family_recipe, tmp_path, tiny_model):

@@ -32,6 +32,9 @@ def test_ir_stages_convert_quantize_and_are_judged_like_every_stage(toy_recipe, 
     assert fp32["evaluation"]["parity"]["max_abs_diff"] < 1e-3  # f32 inference precision, not the CPU's bf16
     assert int8["gate"]["passed"], int8["gate"]
     assert int8["info"]["calibration"]["texts"] == 64 and int8["info"]["source"] == "optimize"
+    # the IR of `export` runs the last layer's tail on the pooled token; `optimize`'s graph was cut already
+    assert fp32["info"]["pooled_tail"]["applied"] is True
+    assert int8["info"]["pooled_tail"]["reason"] == "the graph's tail is cut already"
     assert {"ov_fp32", "ov_int8"} <= set(manifest["selection"]["candidates"])
     for entry in (fp32, int8):
         folder = Path(entry["output"]["path"])

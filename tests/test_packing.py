@@ -1,4 +1,5 @@
-"""Token packing: a call with padding runs its per-token work on the real tokens only, and answers as before."""
+"""Graph rewrites of per-token work: token packing (a call with padding runs its per-token work on the real tokens
+only) and the pooled tail (the last layer's per-token work on the pooled token only); both answer as before."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import onnx
 
 from toolkit.runtime import load_model, onnx_file
 from toolkit.stages.packing import HAS_PADDING, pack_tokens
+from toolkit.stages.pooled import pooled_tail
 
 # Lengths differ, so a batch of them pads; the same text twice does not.
 TEXTS = ["the movie was good", "awful plot and it was dull, slow and long", "a story", "brilliant, lovely film"]
@@ -22,8 +24,10 @@ def packed_copy(folder, tmp_path, name):
 def test_packed_fp32_graph_answers_as_the_padded_one(graphs, tmp_path):
     folder, info = packed_copy(graphs / "optimize", tmp_path, "fp32")
 
-    assert info["applied"] is True and info["attention"] == 2  # one fused attention per layer of the tiny model
-    assert info["unpacked_for"] == ["pooler Gather (its rows only)"]  # nothing else needs the padded layout
+    # Of the tiny model's two fused attentions, the last one's output is read only at the pooled token (the
+    # optimize stage cut the tail): only the first one's is packed.
+    assert info["applied"] is True and info["attention"] == 1
+    assert info["unpacked_for"] == ["pooler Gather (its rows only)"]  # the pooled residual; nothing else
     graph = onnx.load(str(onnx_file(folder))).graph
     assert [n.op_type for n in graph.node] == ["ReduceMin", "Equal", "If"]
     packed_branch = next(a.g for a in graph.node[-1].attribute if a.name == "then_branch")
@@ -86,9 +90,10 @@ def test_quantize_records_packing_and_can_leave_it_out(graphs, tmp_path):
     assert HAS_PADDING not in names
 
 
-def tiny_graph(path, bias_shape: tuple[int, ...]):
+def tiny_graph(path, bias_shape: tuple[int, ...], pool: str = "first"):
     """Embeddings -> fused Attention -> residual Add -> Add of a constant of `bias_shape` -> LayerNorm -> the first
-    token -> a classifier: the shape of a BERT layer, small enough to read."""
+    token (`pool`: "first"; "mean": the mean over positions) -> a classifier: the shape of a BERT layer, small
+    enough to read."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -108,7 +113,9 @@ def tiny_graph(path, bias_shape: tuple[int, ...]):
         helper.make_node("Add", ["att", "emb"], ["res"]),
         helper.make_node("Add", ["res", "C"], ["shifted"]),
         helper.make_node("LayerNormalization", ["shifted", "g", "beta"], ["ln"], axis=-1),
-        helper.make_node("Gather", ["ln", "first"], ["cls"], axis=1),
+        helper.make_node("Gather", ["ln", "first"], ["cls"], axis=1)
+        if pool == "first"
+        else helper.make_node("ReduceMean", ["ln", "axes"], ["cls"], keepdims=0),
         helper.make_node("MatMul", ["cls", "Wc"], ["logits"]),
     ]
     ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"]) for n in ("input_ids", "attention_mask")]
@@ -143,3 +150,56 @@ def test_rewrite_packs_a_residual_from_before_attention_and_refuses_an_operand_t
     info = pack_tokens(wrong)
     assert not info["applied"] and "reads C (1, 1, 8)" in info["reason"], info
     assert wrong.read_bytes() == original
+
+
+def test_pooled_tail_runs_the_last_layer_on_the_pooled_token_and_answers_as_before(graphs, tmp_path):
+    folder = shutil.copytree(graphs / "export", tmp_path / "export")
+    info = pooled_tail(onnx_file(folder))
+
+    # The last layer after its attention: output projection (MatMul, Add), residual Add, LayerNorm, FFN in
+    # (MatMul, Add), GELU (Div, Erf, Add, Mul, Mul), FFN out (MatMul, Add), residual Add, LayerNorm.
+    assert info["applied"] is True and info["tail_ops"] == 15, info
+    assert len(info["taken_at"]) == 2  # the attention's output and the residual that meets it
+    before = load_model(graphs / "export", "onnx", 16, 1, "cpu")
+    after = load_model(folder, "onnx", 16, 1, "cpu")
+    np.testing.assert_allclose(after.run(after.tokenizer(TEXTS)), before.run(before.tokenizer(TEXTS)), atol=1e-5)
+    np.testing.assert_allclose(after.logits_batched(TEXTS, 1), before.logits_batched(TEXTS, 1), atol=1e-5)
+    assert pooled_tail(onnx_file(folder)) == {"applied": False, "reason": "the graph's tail is cut already"}
+    assert pooled_tail(onnx_file(graphs / "quantize"))["reason"].startswith("the graph is token-packed")
+
+
+def test_pooled_tail_leaves_a_graph_without_a_single_pooled_position(tmp_path):
+    ids = np.array([[1, 5, 7, 2, 0], [1, 9, 2, 0, 0]], dtype=np.int64)
+    mask = (ids > 0).astype(np.int64)
+    mean = tiny_graph(tmp_path / "mean.onnx", (8,), pool="mean")
+    original = mean.read_bytes()
+    assert pooled_tail(mean) == {"applied": False, "reason": "0 reads of one position of the hidden states "
+                                 "(hidden[:, k]), not 1"}  # fmt: skip
+    assert mean.read_bytes() == original
+
+    first = tiny_graph(tmp_path / "first.onnx", (8,))
+    before = run_graph(first, ids, mask)
+    info = pooled_tail(first)
+    assert info["applied"] and info["tail_ops"] == 3 and info["taken_at"] == ["att", "emb"], info
+    np.testing.assert_allclose(run_graph(first, ids, mask), before, atol=1e-6)
+    # The only attention's output is now read at one position: packing has nothing left to do.
+    assert pack_tokens(first)["reason"].startswith("every attention output is read at one position only")
+
+
+def test_optimize_records_the_pooled_tail_and_can_leave_it_out(graphs, tmp_path):
+    from toolkit.config import OptimizeConfig
+    from toolkit.stages import optimize
+    from toolkit.stages.base import Artifact, StageContext
+
+    source = Artifact(graphs / "export", "onnx", "export")
+    results = {}
+    for cut in (True, False):
+        out = tmp_path / f"o{cut}"
+        out.mkdir()
+        ctx = StageContext(run_dir=tmp_path, out_dir=out, source=source)
+        results[cut] = optimize.run(OptimizeConfig(type="optimize", pooled_tail=cut), ctx)
+    assert results[True].info["pooled_tail"]["applied"] is True
+    assert results[False].info["pooled_tail"] == {"applied": False, "reason": "off"}
+    assert results[True].info["fused_ops"] == results[False].info["fused_ops"]  # fused first, then cut
+    cut, whole = (load_model(results[k].artifact.path, "onnx", 16, 1, "cpu") for k in (True, False))
+    np.testing.assert_allclose(cut.logits(TEXTS), whole.logits(TEXTS), atol=1e-5)

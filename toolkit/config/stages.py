@@ -355,6 +355,16 @@ class ExportConfig(StageBase):
     parity: ParityGate = Field(ParityGate(), description="Parity the export must keep with its PyTorch source.")
 
 
+def pooled_tail_field():
+    return Field(
+        True,
+        description="The last layer's ops after its attention (output projection, FFN, LayerNorms) run on the one "
+        "token the classifier reads (hidden[:, 0]) instead of every token: the same logits in FP32, about a sixth "
+        "less time for a 3-layer student. Where the graph reads no single position (mean pooling), it is left as it "
+        "was and the manifest says why.",
+    )
+
+
 class OptimizeConfig(StageBase):
     """ONNX Runtime's transformer graph optimizer through Optimum's `ORTOptimizer`, optionally to FP16."""
 
@@ -374,6 +384,7 @@ class OptimizeConfig(StageBase):
         description="Fuse residual Add + LayerNormalization into SkipLayerNormalization. auto: only for the GPU "
         "(with fp16); ONNX Runtime's CPU kernel for it is slower than the unfused ops.",
     )
+    pooled_tail: bool = pooled_tail_field()
     parity: ParityGate = Field(ParityGate(), description="Parity the optimized graph must keep with its source.")
 
     input_format: ClassVar[str | None] = "onnx"
@@ -464,6 +475,7 @@ class OpenVinoConfig(StageBase):
     validation_samples: PositiveInt = Field(
         1000, description="int8_accuracy_control: validation texts the accuracy is compared on."
     )
+    pooled_tail: bool = pooled_tail_field()
     parity: ParityGate = Field(
         ParityGate(min_agreement=0.99), description="Parity the IR must keep with the ONNX graph it came from."
     )

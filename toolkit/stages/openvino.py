@@ -7,6 +7,7 @@ plugin through `toolkit.runtime`, like every other model."""
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,12 +18,19 @@ from toolkit.stages.base import Artifact, StageContext, StageResult
 def run(cfg: OpenVinoConfig, ctx: StageContext) -> StageResult:
     from toolkit.runtime import onnx_file
     from toolkit.runtime.openvino import IR_NAME, import_openvino
+    from toolkit.stages import pooled
 
     ov = import_openvino()
     source = ctx.source  # the `source` stage's model: the pipeline hands a branch the model it names
     graph = onnx_file(source.path)
-    model = ov.convert_model(str(graph))
     info: dict = {"source": source.stage, "onnx_file": graph.name, "quantize": cfg.quantize}
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.pooled_tail:  # on a copy (with any external weights): the source stage's graph stays as it is
+            for file in Path(source.path).glob("*.onnx*"):
+                shutil.copy(file, tmp)
+            graph = Path(tmp) / graph.name
+            info["pooled_tail"] = pooled.pooled_tail(graph)
+        model = ov.convert_model(str(graph))
     if cfg.quantize != "none":
         model = quantized(model, cfg, ctx, Path(source.path), info)
     ov.save_model(model, str(ctx.out_dir / IR_NAME), compress_to_fp16=False)

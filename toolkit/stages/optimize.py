@@ -21,6 +21,7 @@ def run(cfg: OptimizeConfig, ctx: StageContext) -> StageResult:
     from optimum.onnxruntime import AutoOptimizationConfig, ORTOptimizer
 
     from toolkit.runtime import onnx_file
+    from toolkit.stages import pooled
     from toolkit.stages.onnx_common import fused_counts, onnx_source, op_counts
 
     source = onnx_source(ctx, cfg.type)
@@ -38,6 +39,7 @@ def run(cfg: OptimizeConfig, ctx: StageContext) -> StageResult:
     ORTOptimizer.from_pretrained(source.path, file_names=[src_file.name]).optimize(
         options, ctx.out_dir, file_suffix=None
     )
+    tail = pooled.pooled_tail(onnx_file(ctx.out_dir)) if cfg.pooled_tail else {"applied": False, "reason": "off"}
     before, after = op_counts(src_file), op_counts(onnx_file(ctx.out_dir))
     fused = fused_counts(after)
     info = {
@@ -49,6 +51,7 @@ def run(cfg: OptimizeConfig, ctx: StageContext) -> StageResult:
         "nodes_before": sum(before.values()),
         "nodes_after": sum(after.values()),
         "op_counts": after,
+        "pooled_tail": tail,
     }
     if cfg.level != "O1" and not any(op in fused for op in ("Attention", "MultiHeadAttention")):
         info["warning"] = "no attention fusion happened; the transformers export may have changed its graph"

@@ -113,7 +113,11 @@ class Packer:
 
     def rows_at(self, position: str) -> str:
         """The packed row of each text's token at `position` (an int64 scalar): `[batch]`."""
-        return self.add("Gather", ["pack/row_of", position], f"pack/rows_at_{position}", axis=1)
+        if f"rows_at:{position}" not in self.made:
+            self.made[f"rows_at:{position}"] = self.add(
+                "Gather", ["pack/row_of", position], f"pack/rows_at_{position}", axis=1
+            )
+        return self.made[f"rows_at:{position}"]
 
 
 def is_token(shape: tuple | None) -> bool:
@@ -138,20 +142,39 @@ def scalar_position(node, constants: dict[str, np.ndarray]) -> bool:
     return axis == 1 and index is not None and index.ndim == 0
 
 
-def rewrite(graph, shapes: dict[str, tuple]) -> dict:
+def constants_of(graph) -> dict[str, np.ndarray]:
+    """Initializers and `Constant` node outputs by name."""
     from onnx import numpy_helper
 
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})  # fmt: skip
+    return constants
+
+
+def readers_of(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def rewrite(graph, shapes: dict[str, tuple]) -> dict:
+    constants = constants_of(graph)
     packer = Packer(graph, shapes)
     packed: set[str] = set()
     counts = {"attention": 0, "tokenwise": 0, "unpacked_for": []}
+    readers = readers_of(graph)
     for node in list(graph.node):
         if node.op_type in ATTENTION_OPS:
             if node.input[0] in packed:
                 node.input[0] = packer.unpack(node.input[0])
             out = node.output[0]
+            taken = readers.get(out, [])
+            if taken and all(r.op_type == "Gather" and scalar_position(r, constants) for r in taken):
+                continue  # read at one position only (a pooled tail, `toolkit.stages.pooled`): nothing to pack
             node.output[0] = f"{out}/padded"
             shapes[node.output[0]] = shapes[out]
             packer.pack(node.output[0], output=out)
@@ -190,7 +213,12 @@ def rewrite(graph, shapes: dict[str, tuple]) -> dict:
         if output.name in packed:
             raise NotPackable(f"graph output {output.name} is per token")
     if not counts["attention"]:
-        raise NotPackable("no fused attention (Attention or QAttention) to pack around")
+        attentions = any(n.op_type in ATTENTION_OPS for n in graph.node)
+        raise NotPackable(
+            "every attention output is read at one position only (a pooled tail): no per-token work to pack"
+            if attentions
+            else "no fused attention (Attention or QAttention) to pack around"
+        )
     graph.node.extend(packer.nodes)
     topological_sort(graph)
     del graph.value_info[:]  # shapes of the rewritten tensors changed

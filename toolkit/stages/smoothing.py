@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.stages.pooled import POOLED
+
 SMOOTHED_OPS = ("MatMul", "Attention")  # Attention: the fused QKV projection of `optimize`'s O2 graph
 
 
@@ -97,16 +99,28 @@ def smooth(path: Path, batches, alpha: float) -> dict:
 
 def fold_into_attention(graph, name: str, readers: list, s: np.ndarray, weights: dict) -> bool:
     """Divide a fused Attention's value columns (weights and bias) by `s` instead of adding a `Mul` after it, when
-    its output is read only by the smoothed nodes: attention's output is a weighted sum of value vectors, so
-    scaling each value channel scales that output channel alike."""
+    its output is read only by the smoothed nodes (directly, or through the pooled token's row of it): attention's
+    output is a weighted sum of value vectors, so scaling each value channel scales that output channel alike."""
     from onnx import numpy_helper
 
-    producer = next((n for n in graph.node if name in n.output), None)
+    def producer_of(tensor: str):
+        return next((n for n in graph.node if tensor in n.output), None)
+
+    def read_only_by(tensor: str, nodes: list) -> bool:
+        return sum(tensor in n.input for n in graph.node) == len(nodes)
+
+    producer = producer_of(name)
+    if producer is not None and producer.op_type == "Gather" and producer.name.startswith(POOLED):
+        # the pooled token's row of an attention output (`toolkit.stages.pooled`): a row keeps its channels
+        if not read_only_by(name, readers):
+            return False
+        name, readers = producer.input[0], [producer]
+        producer = producer_of(name)
     if producer is None or producer.op_type != "Attention" or producer.output[0] != name:
         return False
     if len(producer.input) < 3 or not {producer.input[1], producer.input[2]} <= weights.keys():
         return False
-    if sum(name in n.input for n in graph.node) != len(readers):
+    if not read_only_by(name, readers):
         return False
     for index in (1, 2):  # value columns come last in the packed QKV weight and bias
         array = numpy_helper.to_array(weights[producer.input[index]]).copy()
