@@ -4,8 +4,8 @@ A BERT-family classifier reads one position of the last hidden states (`hidden[:
 and ELECTRA's heads, DistilBERT's). The last layer's keys and values need every token, but what follows its
 attention (output projection, residual add, LayerNorm, the FFN, the last LayerNorm) treats each token on its own,
 so only the pooled token's row of it is ever read. The rewrite takes that row right after the last attention (and
-of the residual that meets it) and runs the tail on `[batch, width]`: in FP32 the logits are the same, with a
-third of a 3-layer model's per-token work gone.
+of the residual that meets it) and runs the tail on `[batch, width]`: in FP32 the logits are the same, and a 3-layer
+student of the full recipe does about a quarter fewer multiply-adds per token.
 
 Which ops make up the tail comes from walking back from the pooler's `Gather` through per-token ops whose every
 reader is in the tail; shapes come from running the graph once on a probe batch (as token packing does).
@@ -145,7 +145,7 @@ def pooled_tail(path: Path, atol: float = 1e-4) -> dict:
         difference = check_same(model, original, atol)
     except NotApplicable as exc:
         return {"applied": False, "reason": str(exc)}
-    except ort_errors() as exc:
+    except (onnx.checker.ValidationError, *ort_errors()) as exc:  # a graph the rewrite cannot carry: left whole
         return {"applied": False, "reason": f"{type(exc).__name__}: {exc}"}
     onnx.save(model, str(path))
     return {
