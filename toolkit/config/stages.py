@@ -359,9 +359,9 @@ def pooled_tail_field():
     return Field(
         True,
         description="The last layer's ops after its attention (output projection, FFN, LayerNorms) run on the one "
-        "token the classifier reads (hidden[:, 0]) instead of every token: the same logits in FP32, about a sixth "
-        "less time for a 3-layer student. Where the graph reads no single position (mean pooling), it is left as it "
-        "was and the manifest says why.",
+        "token the classifier reads (hidden[:, 0]) instead of every token: the same logits in FP32; the full "
+        "recipe's 3-layer INT8 student's graph calls ran 1.19x as fast (AMD EPYC, 2 cores, 2026-12-02). Where the "
+        "graph reads no single position (mean pooling), it is left as it was and the manifest says why.",
     )
 
 

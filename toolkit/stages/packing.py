@@ -274,9 +274,9 @@ def copy_of(message):
     return copy
 
 
-def check_runs(model, original) -> None:
-    """The rewritten graph runs at full optimization: on a padded probe it gives the original's output shape, on
-    an unpadded one the original's answers (the plain branch)."""
+def probe_answers(original, model) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Both graphs' outputs (original, rewritten) at full optimization on a padded probe batch, then an unpadded
+    one: what a graph rewrite checks itself against."""
     import onnxruntime as ort
 
     padded = np.ones(PROBE, dtype=np.int64)
@@ -284,11 +284,20 @@ def check_runs(model, original) -> None:
     sessions = [
         ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (original, model)
     ]
-    for mask in (padded, np.ones(PROBE, dtype=np.int64)):  # the unpadded probe last: compared below
-        before, after = (s.run(None, probe_feed(s, mask))[0] for s in sessions)
+    return [
+        tuple(s.run(None, probe_feed(s, mask))[0] for s in sessions)
+        for mask in (padded, np.ones(PROBE, dtype=np.int64))
+    ]
+
+
+def check_runs(model, original) -> None:
+    """The rewritten graph runs at full optimization: on a padded probe it gives the original's output shape, on
+    an unpadded one the original's answers (the plain branch)."""
+    answers = probe_answers(original, model)
+    for before, after in answers:
         if before.shape != after.shape or not np.isfinite(after).all():
             raise NotPackable(f"the packed graph answers {after.shape}, the original {before.shape}")
-    # Within rounding: ONNX Runtime may pick another kernel order inside a branch.
+    before, after = answers[-1]  # unpadded: within rounding (ONNX Runtime may order a branch's kernels otherwise)
     if not np.allclose(before, after, rtol=1e-4, atol=1e-5):
         raise NotPackable(f"the plain branch answers up to {np.abs(before - after).max():.2g} off the original")
 

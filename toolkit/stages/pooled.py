@@ -20,13 +20,12 @@ import numpy as np
 
 from toolkit.stages.onnx_common import topological_sort, unpacked
 from toolkit.stages.packing import (
-    PROBE,
     TOKENWISE_OPS,
     WEIGHT_INPUT,
     constants_of,
     is_token,
     ort_errors,
-    probe_feed,
+    probe_answers,
     probe_shapes,
     readers_of,
     scalar_position,
@@ -106,16 +105,8 @@ def rewrite(graph, shapes: dict[str, tuple]) -> dict:
 
 def check_same(model, original, atol: float) -> float:
     """Both graphs on padded and unpadded probe batches: the largest logit difference (within `atol`)."""
-    import onnxruntime as ort
-
-    padded = np.ones(PROBE, dtype=np.int64)
-    padded[1, 4:] = padded[2, 2:] = 0
-    sessions = [
-        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (original, model)
-    ]
     worst = 0.0
-    for mask in (padded, np.ones(PROBE, dtype=np.int64)):
-        before, after = (s.run(None, probe_feed(s, mask))[0] for s in sessions)
+    for before, after in probe_answers(original, model):
         if before.shape != after.shape:
             raise NotApplicable(f"the rewritten graph answers {after.shape}, the original {before.shape}")
         worst = max(worst, float(np.abs(before - after).max()))
