@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
+import select
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,6 +15,7 @@ import numpy as np
 import pytest
 import requests
 
+from toolkit.serving.guard import RequestGuard
 from toolkit.serving.launch import serving
 from toolkit.stages.base import Artifact
 
@@ -318,3 +324,91 @@ def test_classify_is_answered_in_front_of_bentomls_middlewares(packaged_onnx, tm
                    if "request_total{" in line and float(line.split()[-1]) > 0]  # fmt: skip
         assert any('endpoint="/classify_batch"' in line for line in counted), counted
         assert not any('endpoint="/classify"' in line for line in counted), counted
+
+
+@pytest.fixture
+def packaged_failing_model(tiny_model, tmp_path) -> str:
+    """A packaged ONNX model with fewer embedding rows (40) than its tokenizer has tokens: a text of the first ids
+    ("a") runs, one with later ids fails in ONNX Runtime's Gather, a real model error. Returns its tag."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from toolkit.stages.package import save_to_store
+
+    config = BertConfig.from_pretrained(tiny_model, vocab_size=40, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "pt")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "pt")
+    folder = onnx_folder(tmp_path / "pt", tmp_path / "onnx")
+    meta = {"format": "onnx", "stage": "export", "labels": LABELS, "max_length": MAX_LENGTH, "recipe": "toy"}
+    save_to_store("toy-failing", Artifact(folder, "onnx", "export"), meta)
+    return "toy-failing:latest"
+
+
+def trickle(url: str, path: str, give_up_s: float = 6.0) -> tuple[http.client.HTTPResponse, float]:
+    """POST a JSON body one byte every 0.2 s, as a slow or hostile client does, until the server answers: the answer
+    and the seconds it took."""
+    host, port = url.removeprefix("http://").split(":")
+    head = f"POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    body = iter(b'{"text": "' + b"x" * 989)
+    start = time.monotonic()
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(head.encode())
+    while not select.select([sock], [], [], 0.2)[0]:
+        assert time.monotonic() - start < give_up_s, f"/{path} still reading a trickled body after {give_up_s} s"
+        try:
+            sock.sendall(bytes([next(body)]))
+        except ConnectionError:  # answered and closed meanwhile: the answer is there to read
+            break
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_a_trickled_body_gets_408_and_a_failing_model_call_a_json_500(packaged_failing_model, tmp_path):
+    env = {**LIMITS, "TOOLKIT_MODEL": packaged_failing_model, "TOOLKIT_BODY_TIMEOUT_S": "1"}
+    with serving(env, log=tmp_path / "serve.log") as url:
+        failing = "the movie was superb"  # ids past the model's 40 embedding rows
+        for path, body in (
+            ("classify", {"text": failing}),
+            ("classify_batch", {"text": ["a", failing]}),
+            ("predict", {"inputs": failing}),
+        ):
+            response = post(url, path, body)
+            assert response.status_code == 500, (path, response.status_code, response.text)
+            assert response.headers["content-type"] == "application/json", (path, response.headers)
+            assert "check the server log" in response.json()["error"], (path, response.text)
+        for path in ("classify", "classify_batch", "predict"):
+            response, seconds = trickle(url, path)
+            assert response.status == 408, (path, response.status, response.read())
+            assert "not received within 1 s" in json.loads(response.read())["error"]
+            assert 0.9 < seconds < 4, (path, seconds)
+
+        assert post(url, "classify", {"text": "a"}).status_code == 200  # the lane carries on
+    assert "/classify failed" in (tmp_path / "serve.log").read_text()  # with the model's traceback
+
+
+@pytest.mark.parametrize("python310", [False, True], ids=["asyncio.timeout", "3.10 wait_for"])
+def test_the_guard_answers_408_to_a_body_slower_than_its_deadline(monkeypatch, python310):
+    """Both ways the guard bounds the read: asyncio.timeout, and wait_for where Python 3.10 has no timeout."""
+    if python310:
+        monkeypatch.delattr(asyncio, "timeout")
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(await receive())
+
+    async def one_byte_at_a_time():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"{", "more_body": True}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    guard = RequestGuard(app, ("/classify_batch",), max_body=1000, overloaded=lambda: False, body_timeout=0.3)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"100")]
+    scope = {"type": "http", "method": "POST", "path": "/classify_batch", "headers": headers}
+    asyncio.run(guard(scope, one_byte_at_a_time, send))
+    assert not reached and sent[0]["status"] == 408, sent
+    assert json.loads(sent[1]["body"]) == {"error": "request body not received within 0.3 s; send it at once"}

@@ -38,26 +38,41 @@ class MicroBatcher:
         return self.queued + self.running
 
     async def submit(self, texts: list[str], timeout: float | None = None) -> list[Any]:
-        """The texts' results, once a model call has run them; TimeoutError after `timeout` seconds (the call
-        still runs; its result for these texts is dropped)."""
+        """The texts' results, once a model call has run them; asyncio.TimeoutError after `timeout` seconds. A
+        request that times out (or is cancelled) while queued leaves the queue at once and never reaches the
+        model; one already in a model call counts until that call ends, and its result is dropped."""
         if self.wake is None:  # created lazily: the event loop exists only once the server runs
             self.wake = asyncio.Event()
             for lane in self.lanes:
                 asyncio.get_running_loop().create_task(self._loop(lane))
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((texts, future))
+        entry = (texts, asyncio.get_running_loop().create_future())
+        self.pending.append(entry)
         self.queued += len(texts)
         self.wake.set()
-        # On a future, wait_for sets a timer and no task: cheaper per request than BentoML's timeout middleware.
-        return await (future if timeout is None else asyncio.wait_for(future, timeout))
+        try:
+            # On a future, wait_for sets a timer and no task: cheaper per request than BentoML's timeout middleware.
+            return await (entry[1] if timeout is None else asyncio.wait_for(entry[1], timeout))
+        except (asyncio.TimeoutError, asyncio.CancelledError):  # asyncio's, not the builtin, on Python 3.10
+            self._forget(entry)
+            raise
+
+    def _forget(self, entry: tuple[list[str], asyncio.Future]) -> None:
+        """Nobody waits for `entry` any more: out of the queue and the load bound, if no model call took it."""
+        try:
+            self.pending.remove(entry)
+        except ValueError:
+            return
+        self.queued -= len(entry[0])
 
     def _take(self) -> list[tuple[list[str], asyncio.Future]]:
-        taken = [self.pending.popleft()]
-        size = len(taken[0][0])
-        while self.pending and size + len(self.pending[0][0]) <= self.max_batch_size:
+        """The next call's requests, in order; those whose waiter gave up and has not run yet are dropped here."""
+        taken, size = [], 0
+        while self.pending and (not taken or size + len(self.pending[0][0]) <= self.max_batch_size):
             texts, future = self.pending.popleft()
-            taken.append((texts, future))
-            size += len(texts)
+            self.queued -= len(texts)
+            if not future.done():
+                taken.append((texts, future))
+                size += len(texts)
         return taken
 
     async def _fill(self, target: int, seconds: float) -> None:
@@ -67,7 +82,7 @@ class MicroBatcher:
             self.wake.clear()
             try:
                 await asyncio.wait_for(self.wake.wait(), left)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
                 return
 
     async def _loop(self, fn: Callable[[list[str]], list[Any]]) -> None:
@@ -77,9 +92,10 @@ class MicroBatcher:
             self.wake.clear()
             while self.pending:
                 taken = self._take()
+                if not taken:
+                    continue
                 texts = [t for chunk, _ in taken for t in chunk]
                 self.batches = [*self.batches[-99:], len(texts)]
-                self.queued -= len(texts)
                 self.running += len(texts)
                 if self.pending:  # more than this call takes: another free lane may start on it
                     self.wake.set()

@@ -4,7 +4,12 @@ with a 4xx/503 and a JSON message, before any body is parsed.
 - 415 for a body that is not `application/json` (multipart without a boundary used to end in a 500),
 - 413 for a body over `max_body` bytes, by its Content-Length or, for a chunked body, as it streams in,
 - 503 with `Retry-After` while the model's queue holds `max_pending` texts or more (load shedding: a request
-  that would wait behind a full queue is better retried than left to time out).
+  that would wait behind a full queue is better retried than left to time out),
+- 408 for a body not received within `body_timeout` seconds (a client that trickles its body holds a
+  connection and a request slot for as long as it likes otherwise).
+
+The guard reads the body of every guarded route itself, within the size limit and the deadline, and hands
+BentoML the buffered body.
 
 Routes in `answered_here` are answered by the guard itself once they pass (the service's single-text route:
 BentoML's per-request machinery cost more than the model's share of a batched text).
@@ -12,8 +17,9 @@ BentoML's per-request machinery cost more than the model's share of a batched te
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 Send = Callable
 Receive = Callable
@@ -30,6 +36,23 @@ async def reject(send: Send, status: int, message: str, headers: dict[str, str] 
     await respond(send, status, json.dumps({"error": message}).encode(), headers)
 
 
+class Refused(Exception):
+    """A request the guard answers with `status` and the message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def within(awaitable: Awaitable, seconds: float):
+    """`awaitable`'s result, or asyncio.TimeoutError after `seconds`. asyncio.timeout (3.11+) bounds it in this
+    task with a timer only; Python 3.10 has wait_for alone, which starts a task per request."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 class RequestGuard:
     def __init__(
         self,
@@ -40,6 +63,7 @@ class RequestGuard:
         retry_after_s: int = 1,
         on_shed: Callable[[], None] | None = None,
         answered_here: dict[str, Callable] | None = None,
+        body_timeout: float = 10.0,
     ):
         # path -> async (body bytes) -> (status, JSON bytes): routes the guard answers itself
         self.answered_here = answered_here or {}
@@ -49,6 +73,7 @@ class RequestGuard:
         self.overloaded = overloaded
         self.retry_after_s = retry_after_s
         self.on_shed = on_shed
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/docs.json":
@@ -68,22 +93,29 @@ class RequestGuard:
                 self.on_shed()
             message = f"the model's queue is full; retry after {self.retry_after_s} s"
             return await reject(send, 503, message, {"Retry-After": str(self.retry_after_s)})
+        try:
+            body = await self._read_body(receive)
+        except Refused as refused:
+            return await reject(send, refused.status, str(refused))
         handler = self.answered_here.get(scope["path"])
         if handler is not None:
-            body = await self._read_limited(receive)
-            if body is None:
-                return await reject(send, 413, self._too_large())
             status, payload = await handler(body)
             return await respond(send, status, payload)
-        if length is None:  # chunked: read it here, within the limit, and hand BentoML the buffered body
-            body = await self._read_limited(receive)
-            if body is None:
-                return await reject(send, 413, self._too_large())
-            receive = _replay(body, receive)
-        return await self.app(scope, receive, send)
+        return await self.app(scope, _replay(body, receive), send)
 
     def _too_large(self) -> str:
         return f"request body over {self.max_body} bytes; send fewer or shorter texts"
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body, or Refused: 413 past the size limit (a chunked body has no Content-Length to check
+        first), 408 past the deadline."""
+        try:
+            body = await within(self._read_limited(receive), self.body_timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+            raise Refused(408, f"request body not received within {self.body_timeout:g} s; send it at once") from None
+        if body is None:
+            raise Refused(413, self._too_large())
+        return body
 
     async def _read_limited(self, receive: Receive) -> bytes | None:
         chunks, size = [], 0
@@ -120,6 +152,7 @@ REJECTED = {
     "properties": {"error": {"type": "string", "title": "Message"}},
 }
 REJECTIONS = {
+    "408": "Request body not received within TOOLKIT_BODY_TIMEOUT_S",
     "413": "Request body over the service's limit (TOOLKIT_MAX_BODY_BYTES)",
     "415": "Body not sent as application/json",
     "503": "The model's queue is full (TOOLKIT_MAX_PENDING); retry after the Retry-After header's seconds",
