@@ -10,7 +10,14 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
-from toolkit.config.common import Strict, base_dir, local_model_shape, model_reference
+from toolkit.config.common import (
+    Strict,
+    base_dir,
+    check_max_length,
+    local_model_shape,
+    local_tokenizer_config,
+    model_reference,
+)
 from toolkit.config.stages import StageConfig
 from toolkit.sources import SourceError, resolve_local
 
@@ -141,6 +148,13 @@ class ModelConfig(Strict):
     def _resolve(cls, value: str, info: ValidationInfo) -> str:
         return model_reference(value, info)
 
+    @field_validator("max_length")
+    @classmethod
+    def _fits_positions(cls, value: int, info: ValidationInfo) -> int:
+        if "name" in info.data:  # a local folder's position table (a Hub model's is not read offline)
+            check_max_length(value, local_model_shape(info.data["name"]), "the model")
+        return value
+
 
 class SpeedConfig(Strict):
     """How every model's speed is measured (fixed and reported, so figures from different runs compare)."""
@@ -236,16 +250,26 @@ class Recipe(Strict):
         return self
 
     def _check_stage_shapes(self) -> None:
-        """Options that only the model's shape can rule out (pruning to more heads than exist) fail here, before
-        any work, when the recipe's model is a local folder."""
+        """Options that only the model's shape or tokenizer can rule out (pruning to more heads than exist,
+        attention fused for a tokenizer that pads on the left) fail here, before any work, when the recipe's
+        model is a local folder. A model that a stage brings in (distill's `student.model`) must hold
+        `model.max_length` tokens too."""
         shape = local_model_shape(self.model.name)
+        tokenizer = local_tokenizer_config(self.model.name)  # every stage's model keeps the recipe model's
         for number, stage in enumerate(self.stages):
             if not stage.enabled:
                 continue
             try:
+                stage.check_tokenizer(tokenizer)
                 shape = stage.check_shape(shape)
             except ValueError as exc:
                 raise ValueError(f"stages[{number}] ({stage.name}): {exc}") from None
+            student = getattr(getattr(stage, "student", None), "model", None)
+            if student is not None:
+                try:
+                    check_max_length(self.model.max_length, shape, f"its student.model {student}")
+                except ValueError as exc:
+                    raise ValueError(f"stages[{number}] ({stage.name}): model.max_length: {exc}") from None
 
     @property
     def run_dir(self) -> Path:

@@ -42,6 +42,10 @@ class StageBase(Strict):
         shape it hands on. Raise ValueError for options the shape rules out. Most stages keep the shape."""
         return shape
 
+    def check_tokenizer(self, tokenizer: dict[str, Any] | None) -> None:
+        """Check this stage's options against the model's `tokenizer_config.json` (None when unknown, e.g. a Hub
+        model); raise ValueError for options it rules out. Most stages work with any tokenizer."""
+
 
 class LoopOptions(BaseModel):
     """Options of the shared Accelerate loop (`toolkit.training.fit`); training-like stages extend it."""
@@ -388,6 +392,17 @@ class OptimizeConfig(StageBase):
     parity: ParityGate = Field(ParityGate(), description="Parity the optimized graph must keep with its source.")
 
     input_format: ClassVar[str | None] = "onnx"
+
+    def check_tokenizer(self, tokenizer: dict[str, Any] | None) -> None:
+        if self.level != "O1" and (tokenizer or {}).get("padding_side") == "left":
+            raise ValueError(
+                f"level {self.level} fuses attention into ONNX Runtime's Attention op, which reads the mask as each "
+                "text's length (padding on the right), but the model's tokenizer pads on the left (padding_side: "
+                "left in its tokenizer_config.json): training would pad on the left, the toolkit's runtime pads on "
+                "the right, and Optimum or transformers users of the pushed graph would pad on the left and get "
+                "wrong answers. Set padding_side to right in the model's tokenizer_config.json (tokenizer."
+                "padding_side = 'right'; tokenizer.save_pretrained(folder)), or use level: O1 (no fusion)"
+            )
 
 
 # Measured on the full recipe's student: see docs/benchmarks.md, "INT8 that keeps 0.99 agreement".

@@ -1,6 +1,13 @@
 """The one tokenizer path: a model folder's `tokenizer.json` through the `tokenizers` library (no transformers
 import, so the service stays small), truncated to the recipe's length and padded to the batch's longest text.
 
+Truncation follows `truncation_side` in `tokenizer_config.json` as transformers does in training (`left` keeps
+the end of a long text, special tokens kept: [CLS] ... [SEP] with the beginning cut). Padding is always on the
+right, whatever `padding_side` says: the length buckets of `toolkit.runtime.model` cut each row's tail, the fused
+attention of an optimized graph reads the mask as lengths (right padding), and a text's answer is then the one it
+gets alone, unpadded. `toolkit validate` refuses `padding_side: left` with a fused graph (an `optimize` stage at
+O2/O3), whose users outside the toolkit would pad on the left.
+
 It returns the inputs the tokenizer defines (`model_input_names` in `tokenizer_config.json`, as transformers
 does): an XLM-R tokenizer gives no `token_type_ids`, even on a BERT graph that takes them; the feeder
 (`toolkit.runtime.model`) fills what a graph needs and the tokenizer does not give.
@@ -37,6 +44,12 @@ class Tokenizer:
         self.tok.no_padding()  # a saved tokenizer.json may pad every text to a fixed length; padding is done here
         config_file = folder / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        self.truncation_side = config.get("truncation_side") or "right"
+        if self.truncation_side not in ("left", "right"):
+            raise TokenizerError(
+                f"{config_file}: truncation_side {self.truncation_side!r} is not 'left' or 'right' (transformers' "
+                "two sides); set one of them"
+            )
         pad = config.get("pad_token")
         pad = pad["content"] if isinstance(pad, dict) else pad
         pad_id = self.tok.token_to_id(pad) if pad else None
@@ -57,7 +70,8 @@ class Tokenizer:
 
     def set_max_length(self, max_length: int) -> None:
         self.max_length = max_length
-        self.tok.enable_truncation(max_length)
+        # transformers' fast tokenizers set the same on their backend: cut on `truncation_side`, specials kept.
+        self.tok.enable_truncation(max_length, direction=self.truncation_side)
 
     def count(self, text: str) -> int:
         """Word pieces of a text, special tokens excluded, before truncation."""
