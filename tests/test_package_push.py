@@ -172,8 +172,6 @@ def test_card_metadata_names_hub_base_model_dataset_license_and_language(tmp_pat
 def test_onnx_selection_is_pushed_in_the_hub_layout_that_every_loader_reads(toy_recipe, write_recipe, tmp_path):
     """PyTorch weights at the root, the ONNX chain under onnx/: transformers, pipeline and Optimum load the same
     pushed folder (the upload is written to disk here instead of the Hub)."""
-    import shutil
-
     import numpy as np
     from optimum.onnxruntime import ORTModelForSequenceClassification
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
@@ -188,10 +186,7 @@ def test_onnx_selection_is_pushed_in_the_hub_layout_that_every_loader_reads(toy_
     manifest = Manifest.load(tmp_path / "run")
     upload = plan_upload(manifest, "user/toy")
     assert upload.artifact.format == "onnx"
-    repo = tmp_path / "repo"
-    for name, path in upload.files:
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, repo / name)
+    repo = upload.write(tmp_path / "repo")
     names = {n for n, _ in upload.files}
     assert {"model.safetensors", "config.json", "tokenizer.json", "onnx/model.onnx", "onnx/config.json"} <= names
     chosen = {"export": "model.onnx", "optimize": "model_optimized.onnx", "quantize": "model_quantized.onnx"}[

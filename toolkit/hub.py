@@ -10,13 +10,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from toolkit.config import REPO_ID
 from toolkit.errors import ToolkitError
 from toolkit.manifest import MANIFEST, Artifact, Manifest
-from toolkit.serving.bundle import model_files
+from toolkit.serving.bundle import META_FILE, model_files
+from toolkit.sources import PACKAGE_PREFIX
 
 
 class HubError(ToolkitError, RuntimeError):
@@ -27,12 +29,30 @@ class HubError(ToolkitError, RuntimeError):
 class Upload:
     repo_id: str
     artifact: Artifact
-    files: list[tuple[str, Path]]  # (path in the repo, local file)
+    # (path in the repo, local file or the bytes written for it: a tokenizer_config.json with the run's
+    # max_length, toolkit.json, a graph whose external data is renamed)
+    files: list[tuple[str, Path | bytes]]
     card: str
 
     def listing(self) -> list[str]:
-        rows = [f"{name}  ({path.stat().st_size:,} bytes)" for name, path in self.files]
+        rows = [f"{name}  ({_size(content):,} bytes{_made(content)})" for name, content in self.files]
         return [*rows, f"README.md  ({len(self.card.encode()):,} bytes, generated model card)"]
+
+    def write(self, folder: Path) -> Path:
+        """The repo as it would be on the Hub, in a local folder (TOOLKIT_HUB_MODEL serves such a folder)."""
+        for name, content in [*self.files, ("README.md", self.card.encode())]:
+            target = Path(folder) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())
+        return Path(folder)
+
+
+def _size(content: Path | bytes) -> int:
+    return len(content) if isinstance(content, bytes) else content.stat().st_size
+
+
+def _made(content: Path | bytes) -> str:
+    return ", generated" if isinstance(content, bytes) else ""
 
 
 def plan_upload(manifest: Manifest, repo_id: str) -> Upload:
@@ -51,7 +71,31 @@ def plan_upload(manifest: Manifest, repo_id: str) -> Upload:
         files = onnx_layout(manifest, artifact)
     else:
         files = [(rel.as_posix(), folder / rel) for rel in model_files(folder) if rel.name != "README.md"]
+    max_length = int((manifest.data.get("recipe") or {}).get("model", {}).get("max_length", 128))
+    files = [(name, _with_max_length(name, content, max_length)) for name, content in files]
+    files.append((META_FILE, json.dumps(hub_meta(manifest, artifact, max_length), indent=2).encode()))
     return Upload(repo_id, artifact, files, model_card(manifest, artifact, repo_id))
+
+
+def hub_meta(manifest: Manifest, artifact: Artifact, max_length: int) -> dict:
+    """The repo's `toolkit.json`: what the service needs beside the model (`TOOLKIT_HUB_MODEL` reads it) and
+    where the model came from."""
+    return {
+        "format": artifact.format,
+        "stage": artifact.stage,
+        "labels": (manifest.data.get("data") or {}).get("label_names", []),
+        "max_length": max_length,
+        "recipe": (manifest.data.get("recipe") or {}).get("name"),
+    }
+
+
+def _with_max_length(name: str, content: Path | bytes, max_length: int) -> Path | bytes:
+    """A tokenizer_config.json whose `model_max_length` is the run's max_length, so that `truncation=True` cuts
+    where training did (the saved one keeps the pretrained model's, often 512 or a 1e30 placeholder)."""
+    if Path(name).name != "tokenizer_config.json" or isinstance(content, bytes):
+        return content
+    config = json.loads(content.read_text(encoding="utf-8"))
+    return json.dumps({**config, "model_max_length": max_length}, indent=2, ensure_ascii=False).encode()
 
 
 # The file names Optimum and transformers.js use for each ONNX step, under `onnx/`.
@@ -62,7 +106,7 @@ def onnx_file_name(manifest: Manifest, stage: str) -> str:
     return ONNX_NAMES.get((manifest.stage(stage) or {}).get("type"), f"model_{stage}.onnx")
 
 
-def onnx_layout(manifest: Manifest, artifact: Artifact) -> list[tuple[str, Path]]:
+def onnx_layout(manifest: Manifest, artifact: Artifact) -> list[tuple[str, Path | bytes]]:
     """The Hub's common layout for an ONNX selection: its PyTorch ancestor at the root (weights, config with the
     labels, tokenizer), so `AutoModelForSequenceClassification`, `pipeline` and the widget load the repo, and
     the ONNX graphs of the chain that made the selection under `onnx/`, with the config and tokenizer beside
@@ -88,12 +132,47 @@ def onnx_layout(manifest: Manifest, artifact: Artifact) -> list[tuple[str, Path]
         raise HubError(f"the PyTorch model behind {artifact.stage!r} is missing ({pytorch}); re-run the recipe")
     files = [(rel.as_posix(), pytorch / rel) for rel in model_files(pytorch) if rel.name != "README.md"] + files
     selected = Path(chain[0][1])  # the newest graph's folder: its config and tokenizer go beside the graphs
+    weights = {data for graph in selected.glob("*.onnx") for data in external_data(graph)}
     for rel in model_files(selected):
-        if not rel.name.endswith((".onnx", ".onnx_data", "README.md")):
+        if rel.as_posix() not in weights and not rel.name.endswith((".onnx", ".onnx_data", ".onnx.data", "README.md")):
             files.append((f"onnx/{rel.as_posix()}", selected / rel))
     for name, folder in reversed(chain):
-        files.append((f"onnx/{onnx_file_name(manifest, name)}", onnx_file(folder)))
+        files += graph_files(onnx_file(folder), onnx_file_name(manifest, name))
     return files
+
+
+def _data_locations(model) -> list:
+    """The `location` entries of a loaded graph's tensors kept in external data files, subgraphs included."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    tensors = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    return [entry for t in tensors for entry in t.external_data if entry.key == "location"]
+
+
+def external_data(graph: Path) -> list[str]:
+    """The files a graph keeps its weights in (relative to its folder; none for most graphs, always some for a
+    model over 2 GB)."""
+    import onnx
+
+    return sorted({entry.value for entry in _data_locations(onnx.load(str(graph), load_external_data=False))})
+
+
+def graph_files(graph: Path, name: str) -> list[tuple[str, Path | bytes]]:
+    """A graph as `onnx/NAME` with its external data beside it as `onnx/NAME_data` (several files:
+    `NAME_data_<file>`): the graphs of a chain share a folder on the Hub, where each stage's data would have the
+    same name. When a file is renamed, the graph is rewritten to point at the new name (its bytes are uploaded)."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    entries = _data_locations(model)
+    old = sorted({entry.value for entry in entries})
+    renamed = {f: f"{name}_data" if len(old) == 1 else f"{name}_data_{Path(f).name}" for f in old}
+    data: list[tuple[str, Path | bytes]] = [(f"onnx/{new}", graph.parent / f) for f, new in renamed.items()]
+    if all(f == new for f, new in renamed.items()):
+        return [(f"onnx/{name}", graph), *data]
+    for entry in entries:
+        entry.value = renamed[entry.value]
+    return [(f"onnx/{name}", model.SerializeToString()), *data]
 
 
 def _scrub(message: str) -> str:
@@ -117,7 +196,10 @@ def push(upload: Upload, private: bool = False) -> str:
     if not _stored_token():
         raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (never put it in a recipe)")
     api = HfApi()
-    operations = [CommitOperationAdd(name, str(path)) for name, path in upload.files]
+    operations = [
+        CommitOperationAdd(name, content if isinstance(content, bytes) else str(content))
+        for name, content in upload.files
+    ]
     operations.append(CommitOperationAdd("README.md", upload.card.encode()))
     try:
         api.create_repo(upload.repo_id, repo_type="model", private=private, exist_ok=True)
@@ -187,10 +269,40 @@ def card_data(manifest: Manifest, artifact: Artifact, repo_id: str):
     )
 
 
+# Where pip puts an installed package's files: `package:NAME/path` in a recipe.
+PACKAGE_DIRS = ("site-packages", "dist-packages")
+
+
+def portable(value: Any, manifest: Manifest) -> Any:
+    """The recorded recipe (`value`: it or a part of it) with no absolute local path, which would say nothing on
+    the Hub and show the machine's folders: a file of an installed package as `package:NAME/path`, as a recipe
+    names it, any other path relative to the run folder."""
+    if isinstance(value, dict):
+        return {key: portable(item, manifest) for key, item in value.items()}
+    if isinstance(value, list):
+        return [portable(item, manifest) for item in value]
+    if not isinstance(value, str) or not Path(value).is_absolute():
+        return value
+    parts = Path(value).parts
+    inside = [i for i, part in enumerate(parts[:-1]) if part in PACKAGE_DIRS]
+    if inside:
+        return PACKAGE_PREFIX + "/".join(parts[inside[-1] + 1 :])
+    run_dir = (manifest.data.get("recipe") or {}).get("output", {}).get("dir") or manifest.run_dir.resolve()
+    return Path(os.path.relpath(value, run_dir)).as_posix()
+
+
+def data_source(recipe: dict) -> str:
+    """Where the recipe's texts came from: a Hub dataset (and its subset), a saved folder, or the files."""
+    data = recipe.get("data") or {}
+    if data.get("format") in ("hub", "disk"):
+        return str(data.get("path")) + (f" ({data['subset']})" if data.get("subset") else "")
+    return ", ".join(str(data[split]) for split in ("train", "validation", "test") if data.get(split)) or "?"
+
+
 def model_card(manifest: Manifest, artifact: Artifact, repo_id: str) -> str:
     data = manifest.data.get("data", {})
     labels = data.get("label_names", [])
-    recipe = manifest.data.get("recipe", {})
+    recipe = portable(manifest.data.get("recipe", {}), manifest)
     onnx = artifact.format == "onnx"
     selection = manifest.data.get("selection", {})
     loader = (
@@ -215,7 +327,7 @@ Text classification ({len(labels)} labels: {", ".join(f"`{n}`" for n in labels)}
 
 ## Data
 
-Source: `{data.get("path", "?")}`. Examples per split: {json.dumps(data.get("counts", {}))}.
+Source: `{data_source(recipe)}`. Examples per split: {json.dumps(data.get("counts", {}))}.
 
 ## Figures per stage
 
@@ -242,6 +354,8 @@ curl -X POST http://127.0.0.1:3000/classify -H 'Content-Type: application/json' 
 ```
 
 ## Recipe
+
+Local paths are relative to the run folder; files of an installed package are named `package:NAME/path`.
 
 ```yaml
 {yaml.safe_dump(recipe, sort_keys=False).strip()}
