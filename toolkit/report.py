@@ -115,6 +115,23 @@ def selection_lines(manifest: Manifest) -> list[str]:
     for name, record in (selection.get("candidates") or {}).items():
         if record.get("lost"):
             lines.append(f"- {name} not chosen: {record['lost']}")
+    return lines + [f"- {line}" for line in serving_lines(manifest)]
+
+
+def serving_lines(manifest: Manifest) -> list[str]:
+    """What each `package` stage's serving-parity replay found: the evaluation split through the service's path
+    (its micro-batcher, concurrent clients) against the answers evaluation gave."""
+    lines = []
+    for name, entry in manifest.ordered():
+        record = (entry.get("info") or {}).get("serving_parity")
+        if not record:
+            continue
+        sizes = record.get("call_sizes") or {}
+        lines.append(
+            f"served as evaluated: {100 * record['agreement']:.2f} % of {record['texts']:,} {record['split']} texts, "
+            f"max logit difference {record['max_logit_difference']:.2g} ({name}: {record['clients']} concurrent "
+            f"clients, {record['model_calls']:,} model calls of {sizes.get('min')}-{sizes.get('max')} texts)"
+        )
     return lines
 
 
@@ -131,6 +148,8 @@ def notes(manifest: Manifest) -> list[str]:
                          "comparable with the others'")  # fmt: skip
         if entry.get("status") == "skipped":
             lines.append(f"- {name} skipped: {entry.get('reason')}")
+        if entry.get("status") == "failed":
+            lines.append(f"- {name} FAILED: {str(entry.get('error')).splitlines()[0]}")
         if info.get("fused_ops"):
             fused = ", ".join(f"{op} {n}" for op, n in info["fused_ops"].items())
             lines.append(

@@ -535,6 +535,21 @@ class PackageConfig(StageBase):
         "fusion) on this machine, a few seconds, and ship the fastest with the model; the service uses them on "
         "the same CPU model and the defaults elsewhere.",
     )
+    serving_parity: bool = Field(
+        True,
+        description="Before the model is stored, replay the evaluation split through the service's own path (the "
+        "written folder loaded as the service loads it, its micro-batcher merging concurrent clients' requests into "
+        "model calls) and compare every text's class and logits with the answer its evaluation gave. A text whose "
+        "class changed fails the stage and nothing is stored; the figures go into the manifest "
+        "(`info.serving_parity`), the report and the model card.",
+    )
+    serving_parity_clients: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Concurrent clients of that replay, each sending single texts and small batches (up to 8) in a "
+        "seeded, shuffled order; more clients make larger and more mixed model calls.",
+    )
 
 
 class PushConfig(StageBase):
