@@ -106,3 +106,31 @@ def test_report_renders_in_chromium_with_every_part(toy_recipe, write_recipe, tm
                     "--window-size=1280,2600", f"--screenshot={shot}", (path.parent / "run" / "report.html").as_uri()],
                    check=True, capture_output=True, timeout=120)  # fmt: skip
     assert shot.stat().st_size > 50_000  # a blank page is a few kB
+
+
+def test_report_says_how_the_selected_model_was_served(tmp_path):
+    """The package stage's serving-parity replay in the selection lines of the terminal, markdown and HTML report;
+    a package stage that failed it, in the notes."""
+    from toolkit.report import html_page, markdown, notes, selection_lines
+
+    record = {"split": "test", "texts": 2040, "agreement": 1.0, "changed_texts": 0, "max_logit_difference": 3.1e-7,
+              "clients": 32, "model_calls": 211, "call_sizes": {"min": 1, "max": 64}, "changed": []}  # fmt: skip
+    evaluation = {"split": "test", "n": 2040, "accuracy": 0.9, "macro_f1": 0.9}
+    manifest = Manifest(tmp_path, {
+        "order": ["quantize", "package"],
+        "stages": {"quantize": {"type": "quantize", "status": "done", "evaluation": evaluation},
+                   "package": {"type": "package", "status": "done", "info": {"tag": "t:1", "serving_parity": record}}},
+        "selection": {"stage": "quantize", "reason": "best latency", "baseline": "quantize"},
+    })  # fmt: skip
+    line = "Served as evaluated: 100.00 % of 2,040 test texts, max logit difference 3.1e-07"
+    assert any(line in shown for shown in selection_lines(manifest))
+    assert line in markdown(manifest, None, {}) and line in html_page(manifest, None, {})
+    assert "micro-batcher: 32 concurrent clients, 211 model calls of 1-64 texts" in markdown(manifest, None, {})
+
+    manifest.stages["package"] = {"type": "package", "status": "failed",
+                                  "error": "ServingParityError: serving parity: 3 of 2,040 test texts got another "
+                                           "class...\n  #12 'a text': evaluated positive, served negative"}  # fmt: skip
+    assert not any("Served as evaluated" in shown for shown in selection_lines(manifest))
+    assert "- package FAILED: ServingParityError: serving parity: 3 of 2,040 test texts got another class..." in notes(
+        manifest
+    )

@@ -35,7 +35,10 @@ def with_big_test_split(recipe: dict) -> dict:
     return recipe
 
 
-def test_packaged_model_is_served_as_evaluated_and_the_figure_is_recorded(toy_recipe, write_recipe, monkeypatch):
+def test_packaged_model_is_served_as_evaluated_and_the_figure_is_recorded(
+    toy_recipe, write_recipe, tmp_path, monkeypatch
+):
+    from toolkit.hub import model_card
     from toolkit.report import markdown
 
     toy_recipe["stages"] = [
@@ -61,8 +64,9 @@ def test_packaged_model_is_served_as_evaluated_and_the_figure_is_recorded(toy_re
     assert record["session"]["threads"] == 1 and "TOOLKIT_THREADS" in record["session"]["source"]
     assert record["seconds"] > 0
     assert info["tag"] in toolkit_models()
-    report = markdown(manifest, None, {})
-    assert f"served as evaluated: 100.00 % of {texts} test texts" in report
+    line = f"Served as evaluated: 100.00 % of {texts} test texts"
+    assert line in markdown(manifest, None, {})
+    assert line in model_card(manifest, Artifact(tmp_path / "run" / "train", "pytorch", "train"), "user/toy")
 
 
 def test_clients_get_every_text_once_in_requests_of_one_to_eight():

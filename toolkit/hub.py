@@ -300,6 +300,8 @@ def data_source(recipe: dict) -> str:
 
 
 def model_card(manifest: Manifest, artifact: Artifact, repo_id: str) -> str:
+    from toolkit.report import serving_lines
+
     data = manifest.data.get("data", {})
     labels = data.get("label_names", [])
     recipe = portable(manifest.data.get("recipe", {}), manifest)
@@ -335,6 +337,8 @@ Evaluated on the `{recipe.get("evaluate", {}).get("split", "test")}` split; pari
 stage's input model; speed is single-text latency and batched throughput on the machine that ran the recipe.
 
 {stage_table(manifest)}
+
+{" ".join(serving_lines(manifest))}
 
 ## Use
 

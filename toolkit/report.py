@@ -128,9 +128,10 @@ def serving_lines(manifest: Manifest) -> list[str]:
             continue
         sizes = record.get("call_sizes") or {}
         lines.append(
-            f"served as evaluated: {100 * record['agreement']:.2f} % of {record['texts']:,} {record['split']} texts, "
-            f"max logit difference {record['max_logit_difference']:.2g} ({name}: {record['clients']} concurrent "
-            f"clients, {record['model_calls']:,} model calls of {sizes.get('min')}-{sizes.get('max')} texts)"
+            f"Served as evaluated: {100 * record['agreement']:.2f} % of {record['texts']:,} {record['split']} texts, "
+            f"max logit difference {record['max_logit_difference']:.2g} (`{name}` replayed them through the "
+            f"service's micro-batcher: {record['clients']} concurrent clients, {record['model_calls']:,} model calls "
+            f"of {sizes.get('min')}-{sizes.get('max')} texts)"
         )
     return lines
 

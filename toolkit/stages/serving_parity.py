@@ -133,7 +133,7 @@ def replay(folder: Path | str, texts: list[str], clients: int, seed: int = 0) ->
         batcher = MicroBatcher(lanes, service["max_batch_size"], on_batch=sizes.append,
                                fill_wait=service["fill_wait"])  # fmt: skip
         plan = client_requests(len(texts), clients, seed)
-        unit = max(MIN_UNIT_SECONDS, lone_call_seconds(runtime.lanes[0], texts[0])) if texts else 0.0
+        unit = max(MIN_UNIT_SECONDS, lone_call_seconds(runtime.lanes[0], texts[0]))
         start = time.perf_counter()
         answers = asyncio.run(_clients(batcher, texts, plan, unit))
         seconds = time.perf_counter() - start
@@ -174,17 +174,16 @@ def compare(served: np.ndarray, evaluated: np.ndarray, texts: list[str], labels:
     """Served against evaluated answers, per text: classes (the service's `top_classes`) and logits."""
     from toolkit.serving.model import top_classes
 
-    served_ids = np.asarray(top_classes(served)[0] if len(served) else [], dtype=np.int64)
-    evaluated_ids = evaluated.argmax(-1) if len(evaluated) else np.zeros(0, dtype=np.int64)
+    served_ids, evaluated_ids = np.asarray(top_classes(served)[0]), evaluated.argmax(-1)
     diff = np.abs(served.astype(np.float64) - evaluated.astype(np.float64))
     changed = np.flatnonzero(served_ids != evaluated_ids)
     return {
         "texts": len(texts),
-        "agreement": float((served_ids == evaluated_ids).mean()) if len(texts) else 1.0,
+        "agreement": float((served_ids == evaluated_ids).mean()),
         "changed_texts": int(len(changed)),
-        "max_logit_difference": float(diff.max()) if diff.size else 0.0,
-        "mean_logit_difference": float(diff.mean()) if diff.size else 0.0,
-        "same_logits": float((diff.max(axis=-1) == 0).mean()) if diff.size else 1.0,
+        "max_logit_difference": float(diff.max()),
+        "mean_logit_difference": float(diff.mean()),
+        "same_logits": float((diff.max(axis=-1) == 0).mean()),  # bit for bit
         "changed": [
             {
                 "index": int(i),
