@@ -133,6 +133,14 @@ def test_family_runs_prune_distill_and_the_onnx_stages_with_every_gate_passing(f
     assert packing["applied"] is (family in FUSED_ATTENTION), packing
     if not packing["applied"]:
         assert packing["reason"] == "no fused attention (Attention or QAttention) to pack around", packing
+    # Per-token INT8 scales: a text's INT8 answer is the same in a padded call of several texts (the packed branch
+    # where packing applied) as alone (no padding: the unpacked graph), to float rounding.
+    quantize = stages["quantize"]["info"]
+    assert quantize["batch_invariant"] is True and quantize["token_scales"]["applied"], quantize["token_scales"]
+    int8 = load_model(Path(stages["quantize"]["output"]["path"]), "onnx", 16, 1, "cpu")
+    mixed = ["a good film", "the plot was dull and slow, and far too long to sit through", "fine", "superb"]
+    alone = np.concatenate([int8.run(int8.tokenizer([t])) for t in mixed])
+    np.testing.assert_allclose(int8.run(int8.tokenizer(mixed)), alone, atol=1e-5)
     # Every family here classifies from its first token: the tail cut answers as the whole graph.
     whole = Path(stages["optimize"]["output"]["path"])
     cut = shutil.copytree(whole, path.parent / "cut")

@@ -52,8 +52,11 @@ def test_full_onnx_chain_fuses_quantizes_selects_and_reports(toy_recipe, write_r
     assert fused.get("Attention") == 2 and fused.get("BiasGelu") == 2, fused
     # On the CPU the residual Add + LayerNorm stay unfused: ORT's CPU SkipLayerNormalization kernel is slower.
     assert "SkipLayerNormalization" not in fused and stages["optimize"]["info"]["skip_layer_norm_fused"] is False
-    # INT8 on the fused graph: attention is quantized in place rather than failing on untyped tensors.
-    assert stages["quantize"]["info"]["fused_ops"].get("QAttention") == 2
+    # INT8 on the fused graph, with a scale per token: Q, K and V as INT8 products, attention in
+    # MultiHeadAttention (QAttention takes one input scale per call); every answer independent of its call.
+    info = stages["quantize"]["info"]
+    assert info["fused_ops"].get("MultiHeadAttention") == 2 and "QAttention" not in info["fused_ops"], info
+    assert info["token_scales"]["applied"] and info["batch_invariant"] is True, info["token_scales"]
     assert stages["quantize"]["info"]["instruction_set"] == "avx2"
     assert manifest["selection"]["stage"] in stages
     assert set(manifest["selection"]["candidates"]) == {"train", "export", "optimize", "quantize"}
@@ -233,7 +236,7 @@ def test_int8_from_pytorch_runs_the_stages_outside_a_run(tiny_model, tmp_path):
     folder = int8_from_pytorch(tiny_model, tmp_path / "work")
     assert folder == tmp_path / "work" / "quantize"
     ops = op_counts(onnx_file(folder))
-    assert ops.get("QAttention") == 2 and "SkipLayerNormalization" not in ops, ops
+    assert ops.get("MultiHeadAttention") == 2 and "SkipLayerNormalization" not in ops, ops
     reference = load_model(tiny_model, "pytorch", 16, 1, "cpu").logits(TEXTS)
     np.testing.assert_allclose(load_model(folder, "onnx", 16, 1, "cpu").logits(TEXTS), reference, atol=0.1)
 

@@ -90,6 +90,27 @@ def test_quantize_records_packing_and_can_leave_it_out(graphs, tmp_path):
     assert HAS_PADDING not in names
 
 
+def poolers():
+    from onnx import TensorProto, helper
+
+    return {
+        "first": [helper.make_node("Gather", ["ln", "first"], ["cls"], axis=1)],
+        "mean": [helper.make_node("ReduceMean", ["ln", "axes"], ["cls"], keepdims=0)],
+        # sentence-transformers' pooling: the mean of the real tokens only
+        "masked_mean": [
+            helper.make_node("Cast", ["attention_mask"], ["mask_float"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["mask_float", "last"], ["mask3"]),
+            helper.make_node("Mul", ["ln", "mask3"], ["masked"]),
+            helper.make_node("ReduceSum", ["masked", "axes"], ["summed"], keepdims=0),
+            helper.make_node("ReduceSum", ["mask3", "axes"], ["count"], keepdims=0),
+            helper.make_node("Div", ["summed", "count"], ["cls"]),
+        ],
+    }
+
+
+POOLERS = poolers()
+
+
 def tiny_graph(path, bias_shape: tuple[int, ...], pool: str = "first"):
     """Embeddings -> fused Attention -> residual Add -> Add of a constant of `bias_shape` -> LayerNorm -> the first
     token (`pool`: "first"; "mean": the mean over positions) -> a classifier: the shape of a BERT layer, small
@@ -113,11 +134,11 @@ def tiny_graph(path, bias_shape: tuple[int, ...], pool: str = "first"):
         helper.make_node("Add", ["att", "emb"], ["res"]),
         helper.make_node("Add", ["res", "C"], ["shifted"]),
         helper.make_node("LayerNormalization", ["shifted", "g", "beta"], ["ln"], axis=-1),
-        helper.make_node("Gather", ["ln", "first"], ["cls"], axis=1)
-        if pool == "first"
-        else helper.make_node("ReduceMean", ["ln", "axes"], ["cls"], keepdims=0),
+        *POOLERS[pool],
         helper.make_node("MatMul", ["cls", "Wc"], ["logits"]),
     ]
+    if pool == "masked_mean":
+        inits.append(numpy_helper.from_array(np.array([2], np.int64), "last"))
     ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"]) for n in ("input_ids", "attention_mask")]
     out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 2])]
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
@@ -203,3 +224,56 @@ def test_optimize_records_the_pooled_tail_and_can_leave_it_out(graphs, tmp_path)
     assert results[True].info["fused_ops"] == results[False].info["fused_ops"]  # fused first, then cut
     cut, whole = (load_model(results[k].artifact.path, "onnx", 16, 1, "cpu") for k in (True, False))
     np.testing.assert_allclose(cut.logits(TEXTS), whole.logits(TEXTS), atol=1e-5)
+
+
+def test_packing_refuses_a_pooler_that_reads_every_token(tmp_path):
+    """A masked mean over the tokens would read the copies packing leaves where the padding was."""
+    ids = np.array([[1, 5, 7, 2, 0], [1, 9, 2, 0, 0], [1, 3, 4, 6, 2]], dtype=np.int64)
+    mask = (ids > 0).astype(np.int64)
+    path = tiny_graph(tmp_path / "masked_mean.onnx", (8,), pool="masked_mean")
+    original = path.read_bytes()
+    info = pack_tokens(path)
+    assert not info["applied"] and "ReduceSum" in info["reason"] and "copies" in info["reason"], info
+    assert path.read_bytes() == original
+    assert np.isfinite(run_graph(path, ids, mask)).all()
+
+
+def test_a_packed_branch_that_answers_otherwise_is_refused(graphs, tmp_path, monkeypatch):
+    """Judged by its numbers: a packed branch whose pooler reads the wrong token has the right shapes."""
+    import toolkit.stages.packing as packing
+
+    def wrong_token(self, position):
+        from onnx import numpy_helper
+
+        self.graph.initializer.append(numpy_helper.from_array(np.array(1, dtype=np.int64), "pack/wrong"))
+        return self.add("Gather", ["pack/row_of", "pack/wrong"], "pack/rows_at_wrong", axis=1)
+
+    folder = shutil.copytree(graphs / "optimize", tmp_path / "corrupt")
+    original = onnx_file(folder).read_bytes()
+    monkeypatch.setattr(packing.Packer, "rows_at", wrong_token)
+    info = pack_tokens(onnx_file(folder))
+    assert not info["applied"] and info["reason"].startswith("the packed graph answers padded texts"), info
+    assert onnx_file(folder).read_bytes() == original
+    monkeypatch.undo()
+    info = pack_tokens(onnx_file(folder))
+    assert info["applied"] and info["probe_max_difference"] <= info["probe_allowed"] == 1e-4, info
+
+
+def test_rewrites_leave_a_graph_whole_when_onnx_runtime_cannot_run_it(tmp_path):
+    """NotImplemented (a kernel the CPU provider lacks, as FP16 attention on an old ONNX Runtime) is a refusal."""
+    from onnx import TensorProto, helper
+
+    for rewrite in (pack_tokens, pooled_tail):
+        path = tiny_graph(tmp_path / f"{rewrite.__name__}.onnx", (8,))
+        model = onnx.load(str(path))
+        model.graph.node[-1].output[0] = "raw"
+        model.graph.node.extend([
+            helper.make_node("Cast", ["raw"], ["half"], to=TensorProto.BFLOAT16),
+            helper.make_node("Tanh", ["half"], ["squashed"]),  # no bfloat16 Tanh on the CPU provider
+            helper.make_node("Cast", ["squashed"], ["logits"], to=TensorProto.FLOAT),
+        ])  # fmt: skip
+        onnx.save(model, str(path))
+        original = path.read_bytes()
+        info = rewrite(path)
+        assert not info["applied"] and info["reason"].startswith("NotImplemented"), info
+        assert path.read_bytes() == original

@@ -122,6 +122,14 @@ def serving_lines(manifest: Manifest) -> list[str]:
     """What each `package` stage's serving-parity replay found: the evaluation split through the service's path
     (its micro-batcher, concurrent clients) against the answers evaluation gave."""
     lines = []
+    selected = (manifest.data.get("selection") or {}).get("stage")
+    info = ((manifest.data.get("stages") or {}).get(selected) or {}).get("info") or {}
+    if info.get("batch_invariant") is False:
+        why = (info.get("token_scales") or {}).get("reason") or "activation_scales: per_call"
+        lines.append(
+            f"Answers depend on the model call: the selected `{selected}` graph takes one INT8 activation scale per "
+            f"call ({why}), so a text's answer can change with the other texts the service batches with it."
+        )
     for name, entry in manifest.ordered():
         record = (entry.get("info") or {}).get("serving_parity")
         if not record:
@@ -151,6 +159,8 @@ def notes(manifest: Manifest) -> list[str]:
             lines.append(f"- {name} skipped: {entry.get('reason')}")
         if entry.get("status") == "failed":
             lines.append(f"- {name} FAILED: {str(entry.get('error')).splitlines()[0]}")
+        if info.get("batch_invariant") is False:
+            lines.append(f"- {name}: one INT8 activation scale per model call: its answers depend on the call")
         if info.get("fused_ops"):
             fused = ", ".join(f"{op} {n}" for op, n in info["fused_ops"].items())
             lines.append(

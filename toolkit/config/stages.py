@@ -418,8 +418,15 @@ class QuantizeConfig(StageBase):
     )
     mode: Literal["dynamic", "static"] = Field(
         "dynamic",
-        description="dynamic: activation scales computed per call (an answer can depend on what else is in the "
-        "call); static: scales calibrated once on training texts (answers independent of the call).",
+        description="dynamic: activation scales computed as the model runs (see activation_scales); static: "
+        "scales calibrated once on training texts. Both answer a text independently of its call by default.",
+    )
+    activation_scales: Literal["per_token", "per_call"] = Field(
+        "per_token",
+        description="mode dynamic: per_token: each token's INT8 values get their own scale (max |x| over its "
+        "features), so a text's answer never depends on the other texts in its model call (the service merges "
+        "unrelated requests into one call); per_call: ONNX Runtime's one scale per call (slightly faster; answers "
+        "then depend on the call, which the report and the model card say).",
     )
     calibration_samples: PositiveInt = Field(
         300, description="static and smooth_quant: training texts the ranges and activation maxima come from."
@@ -451,6 +458,8 @@ class QuantizeConfig(StageBase):
 
     @model_validator(mode="after")
     def _calibration_is_used(self):
+        if "activation_scales" in self.model_fields_set and self.mode != "dynamic":
+            raise ValueError("activation_scales only applies with mode: dynamic (static scales are fixed)")
         if "calibration_method" in self.model_fields_set and self.mode != "static":
             raise ValueError("calibration_method only applies with mode: static")
         if "calibration_samples" in self.model_fields_set and self.mode != "static" and self.smooth_quant is None:

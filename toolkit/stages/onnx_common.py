@@ -27,7 +27,10 @@ FUSED_OPS = (
     "BiasAdd",
     "FusedMatMul",
     "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
     "DynamicQuantizeLinear",
+    "QuantizeLinear",
 )
 
 

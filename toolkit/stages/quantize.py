@@ -15,7 +15,7 @@ import platform
 from pathlib import Path
 
 from toolkit.config import QuantizeConfig
-from toolkit.stages import packing, smoothing
+from toolkit.stages import packing, smoothing, token_scales
 from toolkit.stages.base import Artifact, StageContext, StageResult
 
 # ONNX Runtime's quantizer gives an embedding table one INT8 scale for every row: on the full recipe's student that
@@ -79,6 +79,10 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
     qconfig = getattr(AutoQuantizationConfig, isa)(is_static=static, per_channel=cfg.per_channel)
     if cfg.embeddings != "int8":
         qconfig.operators_to_quantize = [op for op in qconfig.operators_to_quantize if op not in EMBEDDING_OPS]
+    if not static and cfg.activation_scales == "per_token":
+        # An INT8 Transpose only moves an unfused attention's keys into a product of two activations, which the
+        # per-token rewrite leaves in float anyway.
+        qconfig.operators_to_quantize = [op for op in qconfig.operators_to_quantize if op != "Transpose"]
     work = ctx.out_dir / "_shape_inferred"
     info: dict = {}
     try:
@@ -93,6 +97,10 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
         shutil.rmtree(work, ignore_errors=True)
     if cfg.embeddings == "int8_rows":
         info["int8_embedding_rows"] = int8_embedding_rows(onnx_file(ctx.out_dir))
+    if not static and cfg.activation_scales == "per_token":
+        info["token_scales"] = token_scales.per_token_scales(onnx_file(ctx.out_dir))
+    # What a served answer may depend on: recorded for the report, the card and the serving-parity gate.
+    info["batch_invariant"] = static or bool(info.get("token_scales", {}).get("applied"))
     counts = op_counts(onnx_file(ctx.out_dir))  # of the graph both packing branches run
     if cfg.pack_tokens:
         info["pack_tokens"] = packing.pack_tokens(onnx_file(ctx.out_dir))
@@ -103,6 +111,7 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
             "instruction_set_from": detected_from,
             "per_channel": cfg.per_channel,
             "mode": cfg.mode,
+            "activation_scales": "fixed" if static else cfg.activation_scales,
             "quantized_ops": qconfig.operators_to_quantize,
             "embeddings": cfg.embeddings,
             "fused_ops": fused_counts(counts),
