@@ -74,7 +74,9 @@ def models_of(run: Path, manifest: Manifest, data: PreparedData, max_length: int
         rows.append(("student, ORT INT8 (the run's), not packed",
                      made_here("ort-unpacked", unpacked, optimized, data, max_length, tmp), "onnx"))  # fmt: skip
     # ONNX Runtime's quantizer as it comes: one scale per weight matrix and per embedding table, no smoothing.
-    plain = QuantizeConfig(type="quantize", smooth_quant=None, per_channel=False, embeddings="int8")
+    plain = QuantizeConfig(
+        type="quantize", smooth_quant=None, per_channel=False, embeddings="int8", activation_scales="per_call"
+    )
     rows.append(("student, ORT dynamic INT8, plain", made_here("ort-plain", plain, optimized, data, max_length, tmp),
                  "onnx"))  # fmt: skip
     static = QuantizeConfig(type="quantize", mode="static", per_channel=True)

@@ -52,11 +52,12 @@ def test_full_onnx_chain_fuses_quantizes_selects_and_reports(toy_recipe, write_r
     assert fused.get("Attention") == 2 and fused.get("BiasGelu") == 2, fused
     # On the CPU the residual Add + LayerNorm stay unfused: ORT's CPU SkipLayerNormalization kernel is slower.
     assert "SkipLayerNormalization" not in fused and stages["optimize"]["info"]["skip_layer_norm_fused"] is False
-    # INT8 on the fused graph, with a scale per token: Q, K and V as INT8 products, attention in
-    # MultiHeadAttention (QAttention takes one input scale per call); every answer independent of its call.
+    # INT8 on the fused graph, attention quantized in place, with activation scales calibrated on the training
+    # texts: fixed, so every answer is independent of its call.
     info = stages["quantize"]["info"]
-    assert info["fused_ops"].get("MultiHeadAttention") == 2 and "QAttention" not in info["fused_ops"], info
+    assert info["fused_ops"].get("QAttention") == 2 and "DynamicQuantizeLinear" not in info["fused_ops"], info
     assert info["token_scales"]["applied"] and info["batch_invariant"] is True, info["token_scales"]
+    assert info["activation_scales"] == "calibrated" and info["token_scales"]["calibration_tokens"] > 100
     assert stages["quantize"]["info"]["instruction_set"] == "avx2"
     assert manifest["selection"]["stage"] in stages
     assert set(manifest["selection"]["candidates"]) == {"train", "export", "optimize", "quantize"}
@@ -183,7 +184,7 @@ def test_pruned_model_exports_fuses_and_quantizes_with_matching_logits(tiny_mode
 
     arts["o"] = optimized.artifact
     quantized = quantize_stage.run(
-        quantize_stage.QuantizeConfig(type="quantize", smooth_quant=None),
+        quantize_stage.QuantizeConfig(type="quantize", smooth_quant=None, activation_scales="per_token"),
         stage_ctx(tmp_path, "q", optimized.artifact, arts),
     )
     assert quantized.info["per_channel"] is True

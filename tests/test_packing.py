@@ -81,7 +81,9 @@ def test_quantize_records_packing_and_can_leave_it_out(graphs, tmp_path):
         out = tmp_path / f"q{pack}"
         out.mkdir()
         ctx = StageContext(run_dir=tmp_path, out_dir=out, source=Artifact(graphs / "optimize", "onnx", "optimize"))
-        results[pack] = quantize.run(QuantizeConfig(type="quantize", smooth_quant=None, pack_tokens=pack), ctx)
+        results[pack] = quantize.run(
+            QuantizeConfig(type="quantize", smooth_quant=None, activation_scales="per_token", pack_tokens=pack), ctx
+        )
     assert results[True].info["pack_tokens"]["applied"] is True
     assert "pack_tokens" not in results[False].info
     # The op counts are those of the graph both branches run, packed or not.

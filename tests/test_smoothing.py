@@ -57,7 +57,10 @@ def test_quantize_records_smoothing_and_int8_embedding_rows(tiny_model, tmp_path
     ("options", "message"),
     [
         ({"per_channel": False}, "smooth_quant needs per_channel: true"),
-        ({"smooth_quant": None, "calibration_samples": 10}, "calibration_samples only applies with mode: static"),
+        (
+            {"smooth_quant": None, "activation_scales": "per_token", "calibration_samples": 10},
+            "calibration_samples only applies with mode: static, smooth_quant or activation_scales: calibrated",
+        ),
         ({"smooth_quant": 1.5}, "smooth_quant"),
     ],
 )

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from toolkit.runtime import load_model, onnx_file
-from toolkit.stages.token_scales import per_token_scales
+from toolkit.runtime import Tokenizer, load_model, onnx_file
+from toolkit.stages.token_scales import calibrated_scales, per_token_scales
 
 # Short and long texts, one with words the tiny vocabulary splits into many pieces: calls of these pad, and their
 # activations differ in range from text to text.
@@ -24,15 +24,15 @@ TEXTS = [
 ]
 
 
-def quantized(graphs, tmp_path, scales: str):
+def quantized(graphs, tmp_path, scales: str, **options):
     from toolkit.config import QuantizeConfig
     from toolkit.stages import quantize
     from toolkit.stages.base import Artifact, StageContext
 
-    out = tmp_path / scales
+    out = tmp_path / f"{scales}{len(options)}"
     out.mkdir()
     ctx = StageContext(run_dir=tmp_path, out_dir=out, source=Artifact(graphs / "optimize", "onnx", "optimize"))
-    result = quantize.run(QuantizeConfig(type="quantize", smooth_quant=None, activation_scales=scales), ctx)
+    result = quantize.run(QuantizeConfig(type="quantize", smooth_quant=None, activation_scales=scales, **options), ctx)
     return result.artifact.path, result.info
 
 
@@ -52,6 +52,8 @@ def test_per_token_int8_answers_each_text_as_alone_whatever_shares_its_call(grap
     assert info["batch_invariant"] is True and info["activation_scales"] == "per_token"
     scaled = info["token_scales"]
     assert scaled["applied"] and scaled["attentions"] == 2 and scaled["probe_alone_vs_batched"] <= 1e-4, scaled
+    # The tiny model's pooled tail (projection, FFN in and out) and head (pooler, classifier) read pooled rows.
+    assert scaled["pooled_in_float"] == 5 and scaled["products"] == 3, scaled
     assert info["pack_tokens"]["applied"] and info["pack_tokens"]["probe_allowed"] == 1e-4  # judged tightly
     ops = info["op_counts"]
     assert "DynamicQuantizeLinear" not in ops and "QAttention" not in ops and ops["MultiHeadAttention"] == 2, ops
@@ -104,7 +106,7 @@ def test_per_token_scales_refuse_what_they_cannot_carry(graphs, tmp_path):
     assert onnx_file(fp32).read_bytes() == original
 
     path, _ = quantized(graphs, tmp_path, "per_token")
-    assert per_token_scales(onnx_file(path))["reason"] == "the graph has per-token scales already"
+    assert per_token_scales(onnx_file(path))["reason"] == "the graph's activation scales are rewritten already"
 
 
 def test_activation_scales_only_with_dynamic_mode():
@@ -114,3 +116,23 @@ def test_activation_scales_only_with_dynamic_mode():
 
     with pytest.raises(ValidationError, match="activation_scales only applies with mode: dynamic"):
         QuantizeConfig(type="quantize", mode="static", activation_scales="per_token")
+
+
+def test_calibrated_int8_fixes_each_scale_and_keeps_the_fused_int8_attention(graphs, tmp_path):
+    path, _ = quantized(graphs, tmp_path, "per_call", pack_tokens=False)
+    calibration = [Tokenizer(path, 16)(TEXTS[i : i + 3]) for i in range(0, len(TEXTS), 3)]
+    info = calibrated_scales(onnx_file(path), calibration)
+    assert info["applied"] and info["attentions"] == 2 and info["products"] == 8, info
+    assert info["calibration_tokens"] == sum(len(Tokenizer(path, 16)([t])["input_ids"][0]) for t in TEXTS)
+    ops = {n.op_type for n in __import__("onnx").load(str(onnx_file(path))).graph.node}
+    assert "DynamicQuantizeLinear" not in ops and {"QAttention", "MatMulIntegerToFloat", "QuantizeLinear"} <= ops
+    model = load_model(path, "onnx", 16, 1, "cpu")
+    for seed in range(3):
+        alone, together = alone_and_in_calls(model, TEXTS, seed)
+        np.testing.assert_allclose(together, alone, atol=1e-5)
+    fp32 = load_model(graphs / "optimize", "onnx", 16, 1, "cpu").logits(TEXTS)
+    np.testing.assert_allclose(model.logits(TEXTS), fp32, atol=0.05)
+    assert (
+        calibrated_scales(onnx_file(path), calibration)["reason"]
+        == "the graph's activation scales are rewritten already"
+    )

@@ -421,15 +421,19 @@ class QuantizeConfig(StageBase):
         description="dynamic: activation scales computed as the model runs (see activation_scales); static: "
         "scales calibrated once on training texts. Both answer a text independently of its call by default.",
     )
-    activation_scales: Literal["per_token", "per_call"] = Field(
-        "per_token",
-        description="mode dynamic: per_token: each token's INT8 values get their own scale (max |x| over its "
-        "features), so a text's answer never depends on the other texts in its model call (the service merges "
-        "unrelated requests into one call); per_call: ONNX Runtime's one scale per call (slightly faster; answers "
+    activation_scales: Literal["calibrated", "per_token", "per_call"] = Field(
+        "calibrated",
+        description="mode dynamic: how INT8 activations are scaled. calibrated: one fixed scale per tensor (the "
+        "largest |x| of calibration_samples training texts / 127), so a text's answer never depends on the other "
+        "texts in its model call (the service merges unrelated requests into one call) and the graph keeps ONNX "
+        "Runtime's fused INT8 attention; per_token: each token's own scale (max |x| over its features), also "
+        "independent of the call, nothing clipped, more ops; per_call: ONNX Runtime's one scale per call (answers "
         "then depend on the call, which the report and the model card say).",
     )
     calibration_samples: PositiveInt = Field(
-        300, description="static and smooth_quant: training texts the ranges and activation maxima come from."
+        300,
+        description="static, smooth_quant and activation_scales calibrated: training texts the ranges and "
+        "activation maxima come from.",
     )
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
         "minmax", description="static: ONNX Runtime's calibration method (percentile at 99.99)."
@@ -462,8 +466,11 @@ class QuantizeConfig(StageBase):
             raise ValueError("activation_scales only applies with mode: dynamic (static scales are fixed)")
         if "calibration_method" in self.model_fields_set and self.mode != "static":
             raise ValueError("calibration_method only applies with mode: static")
-        if "calibration_samples" in self.model_fields_set and self.mode != "static" and self.smooth_quant is None:
-            raise ValueError("calibration_samples only applies with mode: static or smooth_quant")
+        calibrates = self.mode == "static" or self.smooth_quant is not None or self.activation_scales == "calibrated"
+        if "calibration_samples" in self.model_fields_set and not calibrates:
+            raise ValueError(
+                "calibration_samples only applies with mode: static, smooth_quant or activation_scales: calibrated"
+            )
         if self.smooth_quant is not None and not self.per_channel:
             raise ValueError(
                 "smooth_quant needs per_channel: true (smoothed weight rows differ in range, which one scale for "

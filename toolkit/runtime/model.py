@@ -103,7 +103,8 @@ class InferenceModel:
     def logits_by_length(self, texts: list[str], batch_size: int) -> np.ndarray:
         """Scoring many texts (a file): tokenised once, sorted by token count, cut into calls of `batch_size`
         texts of similar length, so a call pads little; rows come back in the input order. A call's composition
-        differs from `logits_batched`'s, so dynamically quantized graphs can differ in the last bits."""
+        differs from `logits_batched`'s: a graph with per-call INT8 scales (`activation_scales: per_call`) can
+        answer otherwise in the last bits; per-token and static INT8, FP32 and FP16 cannot."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         batch = self.tokenizer(texts)

@@ -22,7 +22,8 @@ def int8_from_pytorch(
     chain = [("export", export.run, ExportConfig(type="export"))]
     if fuse:
         chain.append(("optimize", optimize.run, OptimizeConfig(type="optimize")))
-    smoothing = {} if data is not None else {"smooth_quant": None}
+    # Without training texts nothing can be calibrated: no SmoothQuant, and per-token activation scales.
+    smoothing = {} if data is not None else {"smooth_quant": None, "activation_scales": "per_token"}
     chain.append(("quantize", quantize.run, QuantizeConfig(type="quantize", **smoothing)))
     artifacts: dict[str, Artifact] = {"pytorch": Artifact(Path(pytorch), "pytorch", "pytorch")}
     source = artifacts["pytorch"]

@@ -32,7 +32,7 @@ TOKENWISE_OPS = {
     "LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "BiasGelu", "Gelu",
     "FastGelu", "QuickGelu", "BiasAdd", "MatMul", "MatMulInteger", "MatMulIntegerToFloat",
     "DynamicQuantizeMatMul", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "QLinearMatMul",
-    "QLinearAdd", "QLinearMul", "Abs", "Neg", "Max", "Min", *LAST_AXIS_REDUCTIONS,
+    "QLinearAdd", "QLinearMul", "Abs", "Neg", "Max", "Min", "Split", *LAST_AXIS_REDUCTIONS,
 }  # fmt: skip
 # token x weight only: which input is the weight (never a per-token tensor)
 WEIGHT_INPUT = {"MatMul": 1, "MatMulInteger": 1, "MatMulIntegerToFloat": 1, "DynamicQuantizeMatMul": 1,

@@ -79,16 +79,17 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
     qconfig = getattr(AutoQuantizationConfig, isa)(is_static=static, per_channel=cfg.per_channel)
     if cfg.embeddings != "int8":
         qconfig.operators_to_quantize = [op for op in qconfig.operators_to_quantize if op not in EMBEDDING_OPS]
-    if not static and cfg.activation_scales == "per_token":
+    if not static and cfg.activation_scales != "per_call":
         # An INT8 Transpose only moves an unfused attention's keys into a product of two activations, which the
-        # per-token rewrite leaves in float anyway.
+        # per-token and calibrated rewrites leave in float anyway.
         qconfig.operators_to_quantize = [op for op in qconfig.operators_to_quantize if op != "Transpose"]
     work = ctx.out_dir / "_shape_inferred"
     info: dict = {}
     try:
         inferred = shape_inferred_copy(Path(source.path), work)
+        fixed = not static and cfg.activation_scales == "calibrated"
+        batches = calibration_batches(cfg, ctx, Path(source.path)) if cfg.smooth_quant is not None or fixed else None
         if cfg.smooth_quant is not None:
-            batches = calibration_batches(cfg, ctx, Path(source.path))
             info["smooth_quant"] = smoothing.smooth(inferred, batches, cfg.smooth_quant)
         quantizer = ORTQuantizer.from_pretrained(work, file_name=inferred.name)
         ranges = calibrate(quantizer, qconfig, cfg, ctx, Path(source.path), work, info) if static else None
@@ -99,6 +100,8 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
         info["int8_embedding_rows"] = int8_embedding_rows(onnx_file(ctx.out_dir))
     if not static and cfg.activation_scales == "per_token":
         info["token_scales"] = token_scales.per_token_scales(onnx_file(ctx.out_dir))
+    elif fixed:
+        info["token_scales"] = token_scales.calibrated_scales(onnx_file(ctx.out_dir), batches)
     # What a served answer may depend on: recorded for the report, the card and the serving-parity gate.
     info["batch_invariant"] = static or bool(info.get("token_scales", {}).get("applied"))
     counts = op_counts(onnx_file(ctx.out_dir))  # of the graph both packing branches run
@@ -167,8 +170,9 @@ def int8_embedding_rows(path: Path, min_bytes: int = 1 << 20) -> list[str]:
 def training_texts(cfg: QuantizeConfig, ctx: StageContext) -> list[str]:
     if ctx.data is None:
         raise ValueError(
-            "quantize calibrates on the run's training texts (smooth_quant, mode: static) and was given no data; "
-            "run it in a recipe, or set smooth_quant: null with mode: dynamic"
+            "quantize calibrates on the run's training texts (smooth_quant, mode: static, activation_scales: "
+            "calibrated) and was given no data; run it in a recipe, or set smooth_quant: null with mode: dynamic and "
+            "activation_scales: per_token"
         )
     return ctx.data.texts("train", limit=cfg.calibration_samples)
 

@@ -1,19 +1,26 @@
-"""Per-token activation scales: a dynamically quantized graph whose answers do not depend on the other texts in
-its model call.
+"""INT8 activation scales that do not depend on the other texts in a model call.
 
 ONNX Runtime's dynamic INT8 (`DynamicQuantizeLinear`) takes one activation scale and zero point per tensor, that is
 per model call: a text's INT8 input to every matrix product depends on the largest value of any token of any text
 it shares the call with. The service merges unrelated clients' requests into one call, so one client's text could
 change another's class (7 of 2,040 texts of the full recipe's INT8 changed class between alone and calls of 32; AMD
-EPYC, 2026-12-07).
+EPYC, 2026-12-07). Two rewrites of a dynamically quantized graph remove that:
 
-The rewrite gives every token its own scale, from standard ops: `max |x|` over the token's features (`Abs`,
-`ReduceMax` on the last axis), symmetric INT8 around a zero point of 128 (uint8, the operand ONNX Runtime's VNNI
-kernels take), quantized by blocked `QuantizeLinear` (opset 21, one block per token). `MatMulInteger` keeps its
-scalar zero point; the token's scale multiplies its row of the product after the weight's per-channel scales. A
-fused `QAttention` (whose input scale must be one number) becomes `MatMulInteger` for the Q, K and V projections and
-ONNX Runtime's `MultiHeadAttention` for the attention itself. Per-token scales are also finer than per-call ones: a
-token with an outlier no longer coarsens every other token's INT8 values.
+- `calibrated_scales` (the default): each activation tensor gets a fixed symmetric scale, the largest |x| of its
+  real tokens over the calibration texts / 127 (zero point 128), applied by `QuantizeLinear`; each product becomes
+  one `MatMulIntegerToFloat` with the scale folded into the weight's per-channel scales and the bias Add folded in,
+  and a fused `QAttention` takes the fixed scale as it is. As many ops as ONNX Runtime's fused dynamic INT8.
+- `per_token_scales`: every token gets its own scale from standard ops: `max |x|` over the token's features
+  (`Abs`, `ReduceMax` on the last axis), symmetric INT8 around a zero point of 128 (uint8, the operand ONNX
+  Runtime's VNNI kernels take), quantized by blocked `QuantizeLinear` (opset 21, one block per token). The product
+  is `MatMulIntegerToFloat` with the token's scale as its (per-row) A scale and the weight's per-channel scales. A
+  fused `QAttention` (whose input scale must be one number) becomes one such product for the Q, K and V
+  projections, a `Split`, and ONNX Runtime's `MultiHeadAttention`. Products on pooled rows (`[batch, width]`: the
+  pooled tail and the classifier head) run in float on the dequantized weights: a few rows, where the per-token
+  scale's ops cost more than INT8 saves. Nothing saturates; about four ops per quantized tensor instead of one.
+
+Both leave a product of two activations (an unfused attention's) in float, and check a padded probe batch against
+each of its texts alone.
 """
 
 from __future__ import annotations
@@ -48,7 +55,6 @@ class Builder:
             ("zero", np.array(0.0, dtype=np.float32)),
             ("zero_point_float", np.array(float(ZERO_POINT), dtype=np.float32)),
             ("zero_point", np.array(ZERO_POINT, dtype=np.uint8)),
-            ("one", np.array(1.0, dtype=np.float32)),
         ):
             graph.initializer.append(numpy_helper.from_array(value, PREFIX + name))
 
@@ -78,10 +84,13 @@ class Builder:
         return self.zero_points[rows]
 
     def product(self, quantized: str, weight: str, weight_scale: str, weight_zero: str, scale: str, out: str) -> str:
-        """`out` = the token's INT8 row times the INT8 weight, scaled by the weight's scales, then the token's."""
-        inputs = [quantized, weight, PREFIX + "one", weight_scale, PREFIX + "zero_point", weight_zero]
-        product = self.add("MatMulIntegerToFloat", inputs, f"{PREFIX}{out}/weight_scaled", domain="com.microsoft")
-        return self.add("Mul", [product, scale], out)
+        """`out` = the token's INT8 row times the INT8 weight, scaled by the token's scale (`[..., 1]`, one per row:
+        MatMulIntegerToFloat takes it as its A scale) and the weight's scales. Its bias input is left out: with a
+        per-row A scale ONNX Runtime multiplies the bias by it too, so the graph's own bias Add stays."""
+        inputs = [quantized, weight, scale, weight_scale, PREFIX + "zero_point", weight_zero]
+        self.add("MatMulIntegerToFloat", inputs, out, domain="com.microsoft")
+        self.nodes[-1].name = f"{PREFIX}{out}"
+        return out
 
 
 def rewrite_matmul(node, quantized: str, scale: str, b: Builder, readers, producers) -> None:
@@ -108,11 +117,10 @@ def rewrite_attention(node, quantized: str, scale: str, b: Builder) -> None:
     if past or attrs.get("unidirectional", 0) or set(attrs) - {"num_heads", "unidirectional", "mask_filter_value"}:
         raise NotApplicable(f"QAttention {node.name!r} has options MultiHeadAttention does not take: {sorted(attrs)}")
     p = PREFIX + node.name
-    # Q, K and V as three products of the same INT8 tokens (a Split of one product would copy it once more).
-    parts = []
-    for k, name in enumerate("qkv"):
-        columns = slice_columns(b, weight, weight_scale, weight_zero, k)
-        parts.append(b.product(quantized, *columns, scale, f"{p}/{name}"))
+    # One product for Q, K and V (three products of the same INT8 tokens ran no faster and are more ops).
+    qkv = b.product(quantized, weight, weight_scale, weight_zero, scale, f"{p}/qkv")
+    parts = [f"{p}/{name}" for name in "qkv"]
+    b.nodes.append(helper.make_node("Split", [qkv], parts, name=f"{p}/split", axis=-1, num_outputs=3))
     extra = {k: v for k, v in attrs.items() if k == "mask_filter_value"}
     b.nodes.append(
         helper.make_node(
@@ -121,22 +129,6 @@ def rewrite_attention(node, quantized: str, scale: str, b: Builder) -> None:
         )
     )  # fmt: skip
     b.graph.node.remove(node)
-
-
-def slice_columns(b: Builder, weight: str, weight_scale: str, weight_zero: str, k: int) -> tuple[str, str, str]:
-    """The k-th third of QAttention's packed Q|K|V weight, its scales and zero points, as new initializers."""
-    from onnx import numpy_helper
-
-    constants = {t.name: t for t in b.graph.initializer}
-    out = []
-    for name in (weight, weight_scale, weight_zero):
-        array = numpy_helper.to_array(constants[name])
-        if array.ndim and array.shape[-1] % 3 == 0 and array.size > 1:
-            third = array.shape[-1] // 3
-            array = array[..., k * third : (k + 1) * third]
-        out.append(f"{PREFIX}{name}/{'qkv'[k]}")
-        b.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), out[-1]))
-    return tuple(out)
 
 
 def only_reader(name: str, op: str, readers) -> object:
@@ -162,6 +154,31 @@ def activation_product(node, graph, readers, producers) -> None:
     graph.node.remove(rescale)
 
 
+def float_product(node, x: str, graph, constants, readers) -> None:
+    """MatMulInteger on pooled rows (`[batch, width]`: the pooled tail and the classifier head) as a float MatMul
+    on the dequantized weight: a handful of rows, where the four ops of a per-token scale cost more than the INT8
+    product saves, and float is closer to the source."""
+    from onnx import helper, numpy_helper
+
+    cast = only_reader(node.output[0], "Cast", readers)
+    rescale = only_reader(cast.output[0], "Mul", readers)
+    weight = constants[node.input[1]].astype(np.float32)
+    zero = constants.get(node.input[3], np.zeros(1)) if len(node.input) > 3 and node.input[3] else np.zeros(1)
+    scales = constants.get(producers_scale(rescale, graph))
+    if scales is None:
+        raise NotApplicable(f"{node.name!r}: its weight scales are not a constant")
+    name = f"{PREFIX}{node.input[1]}/dequantized"
+    graph.initializer.append(numpy_helper.from_array(((weight - zero) * scales).astype(np.float32), name))
+    graph.node.append(helper.make_node("MatMul", [x, name], [rescale.output[0]], name=f"{PREFIX}{node.name}/float"))
+    graph.node.remove(rescale)
+
+
+def producers_scale(rescale, graph) -> str | None:
+    """The weight-scale input of the `Mul(call scale, weight scales)` whose product `rescale` applies."""
+    scales = next((n for n in graph.node if rescale.input[1] in n.output), None)
+    return scales.input[1] if scales is not None and scales.op_type == "Mul" else None
+
+
 def width_of(node, constants) -> int:
     weight = constants.get(node.input[1])
     if weight is None or weight.ndim != 2:
@@ -174,10 +191,14 @@ def rewrite(graph, shapes: dict[str, tuple]) -> dict:
 
     constants, readers = constants_of(graph), readers_of(graph)
     producers = {o: n for n in graph.node for o in n.output}
-    counts = {"tokens_scaled": 0, "products": 0, "attentions": 0, "left_in_float": 0}
-    for node in [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] not in constants]:
-        activation_product(node, graph, readers, producers)
-        counts["left_in_float"] += 1
+    counts = {"tokens_scaled": 0, "products": 0, "attentions": 0, "left_in_float": 0, "pooled_in_float": 0}
+    for node in [n for n in graph.node if n.op_type == "MatMulInteger"]:
+        if node.input[1] not in constants:
+            activation_product(node, graph, readers, producers)
+            counts["left_in_float"] += 1
+        elif len(shapes.get(producers[node.input[0]].input[0], ())) == 2:
+            float_product(node, producers[node.input[0]].input[0], graph, constants, readers)
+            counts["pooled_in_float"] += 1
     drop_unread(graph)
     readers, producers = readers_of(graph), {o: n for n in graph.node for o in n.output}
     b = Builder(graph, shapes)
@@ -228,30 +249,39 @@ def set_opset(model, version: int) -> None:
 
 
 def per_token_scales(path: Path, atol: float = 1e-4) -> dict:
-    """Rewrite the dynamically quantized ONNX file at `path` in place; returns what the manifest records. The
-    rewritten graph must answer a batch of probe texts exactly as it answers each text alone (to `atol`)."""
+    """Rewrite the dynamically quantized ONNX file at `path` in place with per-token scales; returns what the
+    manifest records."""
+
+    def apply(model) -> dict:
+        from toolkit.stages.packing import probe_shapes
+
+        counts = rewrite(model.graph, probe_shapes(model))
+        set_opset(model, OPSET)
+        return counts
+
+    return rewritten(path, apply, atol)
+
+
+def rewritten(path: Path, rewrite_graph, atol: float) -> dict:
+    """`rewrite_graph(model) -> counts` on the ONNX file at `path`, kept only if the result passes the ONNX checker
+    and answers a padded probe batch as it answers each of its texts alone (to `atol`); else the file is left as it
+    was and the reason returned."""
     import onnx
 
-    from toolkit.stages.packing import NotPackable, ort_errors
+    from toolkit.stages.onnx_common import unpacked
+    from toolkit.stages.packing import NotPackable, batch_invariance, ort_errors
 
     start = time.perf_counter()
     model = onnx.load(str(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         return {"applied": False, "reason": "the graph keeps its weights in external data files"}
-    from toolkit.stages.onnx_common import unpacked
-
     if any(n.name.startswith(PREFIX) for n in unpacked(model.graph).node):
-        return {"applied": False, "reason": "the graph has per-token scales already"}
+        return {"applied": False, "reason": "the graph's activation scales are rewritten already"}
     if unpacked(model.graph) is not model.graph:
-        return {"applied": False, "reason": "the graph is token-packed; per-token scales are set before packing"}
+        return {"applied": False, "reason": "the graph is token-packed; activation scales are rewritten before"}
     try:
-        from toolkit.stages.packing import probe_shapes
-
-        counts = rewrite(model.graph, probe_shapes(model))
-        set_opset(model, OPSET)
+        counts = rewrite_graph(model)
         onnx.checker.check_model(model)
-        from toolkit.stages.packing import batch_invariance
-
         difference = batch_invariance(model, atol)
     except (NotApplicable, NotPackable) as exc:
         return {"applied": False, "reason": str(exc)}
@@ -260,3 +290,109 @@ def per_token_scales(path: Path, atol: float = 1e-4) -> dict:
     onnx.save(model, str(path))
     return {**counts, "applied": True, "probe_alone_vs_batched": difference,
             "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+
+
+def token_peaks(model, names: list[str], batches) -> dict[str, np.ndarray]:
+    """max |x| of each token (padding excluded) of each named tensor over `batches`."""
+    from toolkit.stages.onnx_common import tensor_session
+
+    session = tensor_session(model, names)
+    wanted = [i.name for i in session.get_inputs()]
+    peaks: dict[str, list] = {name: [] for name in names}
+    for batch in batches:
+        feeds = {k: batch.get(k, np.zeros_like(batch["input_ids"])) for k in wanted}
+        real = batch.get("attention_mask", np.ones_like(batch["input_ids"])).astype(bool)
+        for name, value in zip(names, session.run(names, feeds), strict=True):
+            tokens = value[real] if value.shape[:2] == real.shape else value.reshape(-1, value.shape[-1])
+            peaks[name].append(np.abs(tokens).max(axis=-1))
+    return {name: np.concatenate(found) for name, found in peaks.items()}
+
+
+def calibrated_rewrite(graph, peaks: dict[str, float]) -> dict:
+    """Each DynamicQuantizeLinear becomes QuantizeLinear with a fixed symmetric scale (the calibration texts' largest
+    |x| / 127, zero point 128); each product it fed becomes one MatMulIntegerToFloat with that scale folded into the
+    weight's scales (and the bias Add after it, where there is one); QAttention takes the fixed scale as it is."""
+    from onnx import helper, numpy_helper
+
+    from toolkit.stages.onnx_common import topological_sort
+
+    constants, readers = constants_of(graph), readers_of(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    activations = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] not in constants]
+    for node in activations:
+        activation_product(node, graph, readers, producers)
+    drop_unread(graph)
+    readers, producers = readers_of(graph), {o: n for n in graph.node for o in n.output}
+    graph.initializer.extend([numpy_helper.from_array(np.array(ZERO_POINT, dtype=np.uint8), PREFIX + "zero_point"),
+                              numpy_helper.from_array(np.array(1.0, dtype=np.float32), PREFIX + "one")])  # fmt: skip
+    counts = {"tensors": 0, "products": 0, "attentions": 0, "biases_folded": 0, "left_in_float": len(activations)}
+    replaced: dict[str, str] = {}
+    for dql in [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]:
+        x, quantized, call_scale, call_zero = dql.input[0], *dql.output
+        scale = np.float32(max(peaks[x], 1e-8) / 127)
+        fixed = f"{PREFIX}{x}/scale"
+        graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), fixed))
+        graph.node.append(helper.make_node("QuantizeLinear", [x, fixed, PREFIX + "zero_point"], [quantized],
+                                           name=f"{PREFIX}{x}/quantize"))  # fmt: skip
+        graph.node.remove(dql)
+        for user in readers.get(quantized, []):
+            if user.op_type == "QAttention":
+                user.input[3], user.input[6] = fixed, PREFIX + "zero_point"
+                counts["attentions"] += 1
+            elif user.op_type == "MatMulInteger" and user.input[1] in constants:
+                counts["biases_folded"] += fixed_product(user, scale, graph, constants, readers, producers)
+                counts["products"] += 1
+            else:
+                raise NotApplicable(f"{quantized} is read by {user.op_type} {user.name!r}")
+        replaced.update({call_scale: x, call_zero: x})
+        counts["tensors"] += 1
+    if not counts["tensors"]:
+        raise NotApplicable("no DynamicQuantizeLinear: the graph has no per-call activation scales")
+    drop_unread(graph)
+    still = sorted({replaced[i] for n in graph.node for i in n.input if i in replaced})
+    if still:
+        raise NotApplicable(f"the call scale of {still[0]} is read outside the products it fed")
+    topological_sort(graph)
+    return counts
+
+
+def fixed_product(node, scale: np.float32, graph, constants, readers, producers) -> int:
+    """MatMulInteger -> Cast -> Mul(call scale x weight scales) [-> Add(bias)] as one MatMulIntegerToFloat; returns
+    1 when the bias Add was folded in."""
+    from onnx import helper, numpy_helper
+
+    cast = only_reader(node.output[0], "Cast", readers)
+    rescale = only_reader(cast.output[0], "Mul", readers)
+    scales = producers.get(rescale.input[1])
+    if scales is None or scales.op_type != "Mul" or scales.input[1] not in constants:
+        raise NotApplicable(f"{node.name!r}: its product is not rescaled by call scale x weight scale")
+    folded = f"{PREFIX}{node.name}/scales"
+    graph.initializer.append(numpy_helper.from_array((constants[scales.input[1]] * scale).astype(np.float32), folded))
+    weight_zero = node.input[3] if len(node.input) > 3 else ""
+    inputs = [node.input[0], node.input[1], PREFIX + "one", folded, PREFIX + "zero_point", weight_zero]
+    out, last = rescale.output[0], rescale
+    after = readers.get(out, [])
+    bias = next((i for i in after[0].input if i in constants), None) if len(after) == 1 else None
+    if bias is not None and after[0].op_type == "Add" and constants[bias].ndim == 1:
+        inputs.append(bias)  # A scale 1: ONNX Runtime adds the bias unscaled whatever the A scale's shape
+        out, last = after[0].output[0], after[0]
+        graph.node.remove(after[0])
+    graph.node.remove(rescale)
+    graph.node.append(helper.make_node("MatMulIntegerToFloat", inputs, [out], name=f"{PREFIX}{node.name}",
+                                       domain="com.microsoft"))  # fmt: skip
+    return int(last is not rescale)
+
+
+def calibrated_scales(path: Path, batches, atol: float = 1e-4) -> dict:
+    """Rewrite the dynamically quantized ONNX file at `path` in place with fixed activation scales calibrated on
+    `batches` (tokenised calibration texts); returns what the manifest records."""
+
+    def apply(model) -> dict:
+        names = sorted({n.input[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"})
+        if not names:
+            raise NotApplicable("no DynamicQuantizeLinear: the graph has no per-call activation scales")
+        found = token_peaks(model, names, batches)
+        counts = calibrated_rewrite(model.graph, {name: float(p.max()) for name, p in found.items()})
+        return {**counts, "calibration_tokens": int(found[names[0]].size)}
+
+    return rewritten(path, apply, atol)
