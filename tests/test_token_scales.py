@@ -136,3 +136,19 @@ def test_calibrated_int8_fixes_each_scale_and_keeps_the_fused_int8_attention(gra
         calibrated_scales(onnx_file(path), calibration)["reason"]
         == "the graph's activation scales are rewritten already"
     )
+
+
+def test_both_rewrites_carry_weight_zero_points_and_one_scale_per_weight(graphs, tmp_path):
+    """avx2's preset stores weights as uint8 with zero points; per_channel: false gives one scale per matrix."""
+    options = {"instruction_set": "avx2", "per_channel": False}
+    fp32 = load_model(graphs / "optimize", "onnx", 16, 1, "cpu").logits(TEXTS)
+    path, info = quantized(graphs, tmp_path, "per_token", **options)
+    assert info["token_scales"]["applied"], info["token_scales"]
+    per_call, _ = quantized(graphs, tmp_path, "per_call", pack_tokens=False, **options)
+    calibration = [Tokenizer(per_call, 16)(TEXTS[i : i + 3]) for i in range(0, len(TEXTS), 3)]
+    assert calibrated_scales(onnx_file(per_call), calibration)["applied"]
+    for folder in (path, per_call):
+        model = load_model(folder, "onnx", 16, 1, "cpu")
+        alone, together = alone_and_in_calls(model, TEXTS, 0)
+        np.testing.assert_allclose(together, alone, atol=1e-5)
+        np.testing.assert_allclose(model.logits(TEXTS), fp32, atol=0.05)

@@ -131,13 +131,18 @@ class Packer:
 
 
 def last_axis_only(node, constants: dict[str, np.ndarray]) -> bool:
-    """A reduction reads one token's features only when its axes are the last one."""
+    """A reduction reads one token's features only when its axes are the last one; a Split likewise."""
+    attrs = {a.name: a for a in node.attribute}
+    if node.op_type == "Split":  # without an axis it splits axis 0: the tokens, once packed
+        return "axis" in attrs and attrs["axis"].i in (-1, 2)
     if node.op_type not in LAST_AXIS_REDUCTIONS:
         return True
     axes = constants.get(node.input[1]) if len(node.input) > 1 else None
-    if axes is None:
-        axes = next((np.array(a.ints) for a in node.attribute if a.name == "axes"), None)
-    return axes is not None and axes.size == 1 and int(axes.reshape(-1)[0]) in (-1, 2)
+    if axes is None and "axes" in attrs:
+        axes = np.array(attrs["axes"].ints)
+    # the axis is kept (a per-token [tokens, 1] stays per token) and named -1 (it stays right once packed)
+    keeps = "keepdims" not in attrs or attrs["keepdims"].i == 1
+    return keeps and axes is not None and axes.size == 1 and int(axes.reshape(-1)[0]) == -1
 
 
 def is_token(shape: tuple | None) -> bool:

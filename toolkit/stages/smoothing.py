@@ -46,7 +46,9 @@ def activation_maxima(model, names: list[str], batches) -> dict[str, np.ndarray]
         feeds = {k: batch.get(k, np.zeros_like(batch["input_ids"])) for k in wanted}
         real = batch.get("attention_mask", np.ones_like(batch["input_ids"])).astype(bool)
         for name, value in zip(names, session.run(names, feeds), strict=True):
-            tokens = value[real] if value.shape[:2] == real.shape else value.reshape(-1, value.shape[-1])
+            tokens = (
+                value[real] if value.ndim == 3 and value.shape[:2] == real.shape else value.reshape(-1, value.shape[-1])
+            )
             peak = np.abs(tokens).max(axis=0)
             maxima[name] = np.maximum(maxima[name], peak) if name in maxima else peak
     return maxima

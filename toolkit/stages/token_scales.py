@@ -179,6 +179,17 @@ def producers_scale(rescale, graph) -> str | None:
     return scales.input[1] if scales is not None and scales.op_type == "Mul" else None
 
 
+def float_activation_products(graph) -> int:
+    """Every MatMulInteger of two activations left in float (see `activation_product`); returns how many."""
+    constants, readers = constants_of(graph), readers_of(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    found = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] not in constants]
+    for node in found:
+        activation_product(node, graph, readers, producers)
+    drop_unread(graph)
+    return len(found)
+
+
 def width_of(node, constants) -> int:
     weight = constants.get(node.input[1])
     if weight is None or weight.ndim != 2:
@@ -189,14 +200,12 @@ def width_of(node, constants) -> int:
 def rewrite(graph, shapes: dict[str, tuple]) -> dict:
     from toolkit.stages.onnx_common import topological_sort
 
+    left = float_activation_products(graph)
     constants, readers = constants_of(graph), readers_of(graph)
     producers = {o: n for n in graph.node for o in n.output}
-    counts = {"tokens_scaled": 0, "products": 0, "attentions": 0, "left_in_float": 0, "pooled_in_float": 0}
+    counts = {"tokens_scaled": 0, "products": 0, "attentions": 0, "left_in_float": left, "pooled_in_float": 0}
     for node in [n for n in graph.node if n.op_type == "MatMulInteger"]:
-        if node.input[1] not in constants:
-            activation_product(node, graph, readers, producers)
-            counts["left_in_float"] += 1
-        elif len(shapes.get(producers[node.input[0]].input[0], ())) == 2:
+        if len(shapes.get(producers[node.input[0]].input[0], ())) == 2:
             float_product(node, producers[node.input[0]].input[0], graph, constants, readers)
             counts["pooled_in_float"] += 1
     drop_unread(graph)
@@ -262,6 +271,21 @@ def per_token_scales(path: Path, atol: float = 1e-4) -> dict:
     return rewritten(path, apply, atol)
 
 
+def close_to(model, original) -> float:
+    """The largest logit difference to the per-call graph on each probe text alone; a rewrite that moves a logit by
+    more than a quarter of the largest one (a scale folded twice, a bias scaled by the token's scale) is refused.
+    Both are INT8 of the same weights, so they differ by quantization noise only."""
+    from toolkit.stages.packing import alone, probe_ids, probe_mask, session_of, vocabulary_size
+
+    mask = probe_mask()
+    ids = probe_ids(mask, vocabulary=vocabulary_size(original))
+    before, after = (alone(session_of(m), mask, ids) for m in (original, model))
+    worst = float(np.abs(after - before).max())
+    if not worst <= 0.25 * max(float(np.abs(before).max()), 1e-3):
+        raise NotApplicable(f"the rewritten graph answers up to {worst:.2g} off the per-call graph on probe texts")
+    return worst
+
+
 def rewritten(path: Path, rewrite_graph, atol: float) -> dict:
     """`rewrite_graph(model) -> counts` on the ONNX file at `path`, kept only if the result passes the ONNX checker
     and answers a padded probe batch as it answers each of its texts alone (to `atol`); else the file is left as it
@@ -279,10 +303,13 @@ def rewritten(path: Path, rewrite_graph, atol: float) -> dict:
         return {"applied": False, "reason": "the graph's activation scales are rewritten already"}
     if unpacked(model.graph) is not model.graph:
         return {"applied": False, "reason": "the graph is token-packed; activation scales are rewritten before"}
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
     try:
         counts = rewrite_graph(model)
         onnx.checker.check_model(model)
         difference = batch_invariance(model, atol)
+        counts["probe_vs_per_call"] = close_to(model, original)
     except (NotApplicable, NotPackable) as exc:
         return {"applied": False, "reason": str(exc)}
     except (onnx.checker.ValidationError, *ort_errors()) as exc:
@@ -292,20 +319,22 @@ def rewritten(path: Path, rewrite_graph, atol: float) -> dict:
             "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
 
 
-def token_peaks(model, names: list[str], batches) -> dict[str, np.ndarray]:
-    """max |x| of each token (padding excluded) of each named tensor over `batches`."""
+def token_peaks(model, names: list[str], batches) -> tuple[dict[str, float], int]:
+    """The largest |x| of each named tensor over the real tokens of `batches` (a `[batch, seq, width]` tensor's
+    padding excluded; pooled `[batch, width]` rows all count), and how many real tokens were seen."""
     from toolkit.stages.onnx_common import tensor_session
 
     session = tensor_session(model, names)
     wanted = [i.name for i in session.get_inputs()]
-    peaks: dict[str, list] = {name: [] for name in names}
+    peaks, tokens = dict.fromkeys(names, 0.0), 0
     for batch in batches:
         feeds = {k: batch.get(k, np.zeros_like(batch["input_ids"])) for k in wanted}
         real = batch.get("attention_mask", np.ones_like(batch["input_ids"])).astype(bool)
+        tokens += int(real.sum())
         for name, value in zip(names, session.run(names, feeds), strict=True):
-            tokens = value[real] if value.shape[:2] == real.shape else value.reshape(-1, value.shape[-1])
-            peaks[name].append(np.abs(tokens).max(axis=-1))
-    return {name: np.concatenate(found) for name, found in peaks.items()}
+            rows = value[real] if value.ndim == 3 and value.shape[:2] == real.shape else value
+            peaks[name] = max(peaks[name], float(np.abs(rows).max()))
+    return peaks, tokens
 
 
 def calibrated_rewrite(graph, peaks: dict[str, float]) -> dict:
@@ -318,14 +347,9 @@ def calibrated_rewrite(graph, peaks: dict[str, float]) -> dict:
 
     constants, readers = constants_of(graph), readers_of(graph)
     producers = {o: n for n in graph.node for o in n.output}
-    activations = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] not in constants]
-    for node in activations:
-        activation_product(node, graph, readers, producers)
-    drop_unread(graph)
-    readers, producers = readers_of(graph), {o: n for n in graph.node for o in n.output}
     graph.initializer.extend([numpy_helper.from_array(np.array(ZERO_POINT, dtype=np.uint8), PREFIX + "zero_point"),
                               numpy_helper.from_array(np.array(1.0, dtype=np.float32), PREFIX + "one")])  # fmt: skip
-    counts = {"tensors": 0, "products": 0, "attentions": 0, "biases_folded": 0, "left_in_float": len(activations)}
+    counts = {"tensors": 0, "products": 0, "attentions": 0, "biases_folded": 0}
     replaced: dict[str, str] = {}
     for dql in [n for n in graph.node if n.op_type == "DynamicQuantizeLinear"]:
         x, quantized, call_scale, call_zero = dql.input[0], *dql.output
@@ -373,7 +397,8 @@ def fixed_product(node, scale: np.float32, graph, constants, readers, producers)
     out, last = rescale.output[0], rescale
     after = readers.get(out, [])
     bias = next((i for i in after[0].input if i in constants), None) if len(after) == 1 else None
-    if bias is not None and after[0].op_type == "Add" and constants[bias].ndim == 1:
+    columns = constants[node.input[1]].shape[-1]
+    if bias is not None and after[0].op_type == "Add" and constants[bias].shape == (columns,):
         inputs.append(bias)  # A scale 1: ONNX Runtime adds the bias unscaled whatever the A scale's shape
         out, last = after[0].output[0], after[0]
         graph.node.remove(after[0])
@@ -388,11 +413,11 @@ def calibrated_scales(path: Path, batches, atol: float = 1e-4) -> dict:
     `batches` (tokenised calibration texts); returns what the manifest records."""
 
     def apply(model) -> dict:
+        left = float_activation_products(model.graph)  # before calibrating: their inputs need no scale
         names = sorted({n.input[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"})
         if not names:
             raise NotApplicable("no DynamicQuantizeLinear: the graph has no per-call activation scales")
-        found = token_peaks(model, names, batches)
-        counts = calibrated_rewrite(model.graph, {name: float(p.max()) for name, p in found.items()})
-        return {**counts, "calibration_tokens": int(found[names[0]].size)}
+        peaks, tokens = token_peaks(model, names, batches)
+        return {**calibrated_rewrite(model.graph, peaks), "left_in_float": left, "calibration_tokens": tokens}
 
     return rewritten(path, apply, atol)
