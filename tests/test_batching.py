@@ -82,6 +82,8 @@ def python310_timeouts(monkeypatch):
     """asyncio's timeouts as Python 3.10 raises them (3.11 made asyncio.TimeoutError the builtin), so that code
     catching the builtin TimeoutError fails here as it would there. Yields the real wait_for."""
     real_wait_for = asyncio.wait_for
+    if asyncio.TimeoutError is not TimeoutError:  # Python 3.10 itself: nothing to emulate
+        return real_wait_for
 
     async def wait_for(awaitable, timeout):
         try:
