@@ -39,6 +39,17 @@ FUSED_OPS = (
 PACKING_IF = "pack/if_padded"
 
 
+# Graph rewrites hold the whole graph in one protobuf (probes, copies), which stops at 2 GB.
+EXTERNAL_DATA = "the graph keeps its weights in external data files"
+
+
+def external_data(model) -> bool:
+    """Whether `model` (loaded without its external data) keeps weights in external data files."""
+    import onnx
+
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 def unpacked(graph):
     """The graph a call without padding runs: a packed graph's plain branch, any other graph itself."""
     for node in graph.node:

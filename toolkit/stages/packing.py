@@ -18,7 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.stages.onnx_common import PACKING_IF, tensor_session, topological_sort, unpacked
+from toolkit.stages.onnx_common import (
+    EXTERNAL_DATA,
+    PACKING_IF,
+    external_data,
+    tensor_session,
+    topological_sort,
+    unpacked,
+)
 
 ATTENTION_OPS = ("Attention", "QAttention", "MultiHeadAttention")
 # Ops that only read a tensor's shape: a padded copy of a packed tensor has the shape the original had.
@@ -362,9 +369,8 @@ def pack_tokens(path: Path) -> dict:
 
     start = time.perf_counter()
     original = onnx.load(str(path), load_external_data=False)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in original.graph.initializer):
-        # The probe and the rewrite hold the whole graph in one protobuf, which stops at 2 GB.
-        return {"applied": False, "reason": "the graph keeps its weights in external data files"}
+    if external_data(original):
+        return {"applied": False, "reason": EXTERNAL_DATA}
     if "attention_mask" not in {i.name for i in original.graph.input}:
         return {"applied": False, "reason": "the graph takes no attention_mask (nothing is padded)"}
     if unpacked(original.graph) is not original.graph:

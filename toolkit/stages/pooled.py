@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.stages.onnx_common import topological_sort, unpacked
+from toolkit.stages.onnx_common import EXTERNAL_DATA, external_data, topological_sort, unpacked
 from toolkit.stages.packing import (
     TOKENWISE_OPS,
     WEIGHT_INPUT,
@@ -122,8 +122,8 @@ def pooled_tail(path: Path, atol: float = 1e-4) -> dict:
 
     start = time.perf_counter()
     original = onnx.load(str(path), load_external_data=False)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in original.graph.initializer):
-        return {"applied": False, "reason": "the graph keeps its weights in external data files"}
+    if external_data(original):
+        return {"applied": False, "reason": EXTERNAL_DATA}
     if unpacked(original.graph) is not original.graph:
         return {"applied": False, "reason": "the graph is token-packed; the tail is cut before packing"}
     if any(n.name.startswith(POOLED) for n in original.graph.node):

@@ -93,13 +93,19 @@ class Builder:
         return out
 
 
-def rewrite_matmul(node, quantized: str, scale: str, b: Builder, readers, producers) -> None:
-    """MatMulInteger -> Cast -> Mul(call scale x weight scales) becomes one product on the token's INT8 row."""
+def rescaled(node, readers, producers) -> tuple[object, object | None]:
+    """The MatMulInteger -> Cast -> Mul chain ONNX Runtime's dynamic INT8 writes: (the rescaling Mul, the
+    `Mul(call scale, weight scales)` node that made its scale, or None)."""
     cast = only_reader(node.output[0], "Cast", readers)
     rescale = only_reader(cast.output[0], "Mul", readers)
     scales = producers.get(rescale.input[1])
-    dql = producers.get(node.input[0])
-    if scales is None or scales.op_type != "Mul" or scales.input[0] != dql.output[1]:
+    return rescale, scales if scales is not None and scales.op_type == "Mul" else None
+
+
+def rewrite_matmul(node, quantized: str, scale: str, b: Builder, readers, producers) -> None:
+    """MatMulInteger -> Cast -> Mul(call scale x weight scales) becomes one product on the token's INT8 row."""
+    rescale, scales = rescaled(node, readers, producers)
+    if scales is None or scales.input[0] != producers[node.input[0]].output[1]:
         raise NotApplicable(f"{node.name!r}: its product is not rescaled by call scale x weight scale")
     weight_zero = node.input[3] if len(node.input) > 3 else ""
     b.product(quantized, node.input[1], scales.input[1], weight_zero, scale, rescale.output[0])
@@ -144,8 +150,7 @@ def activation_product(node, graph, readers, producers) -> None:
     percent of an unfused layer's work at classification lengths); its quantizers are dropped when unread."""
     from onnx import helper
 
-    cast = only_reader(node.output[0], "Cast", readers)
-    rescale = only_reader(cast.output[0], "Mul", readers)
+    rescale, _ = rescaled(node, readers, producers)
     sources = [producers.get(name) for name in node.input[:2]]
     if any(p is None or p.op_type != "DynamicQuantizeLinear" for p in sources):
         raise NotApplicable(f"MatMulInteger {node.name!r} does not read two dynamically quantized tensors")
@@ -154,29 +159,22 @@ def activation_product(node, graph, readers, producers) -> None:
     graph.node.remove(rescale)
 
 
-def float_product(node, x: str, graph, constants, readers) -> None:
+def float_product(node, x: str, graph, constants, readers, producers) -> None:
     """MatMulInteger on pooled rows (`[batch, width]`: the pooled tail and the classifier head) as a float MatMul
     on the dequantized weight: a handful of rows, where the four ops of a per-token scale cost more than the INT8
     product saves, and float is closer to the source."""
     from onnx import helper, numpy_helper
 
-    cast = only_reader(node.output[0], "Cast", readers)
-    rescale = only_reader(cast.output[0], "Mul", readers)
+    rescale, made = rescaled(node, readers, producers)
     weight = constants[node.input[1]].astype(np.float32)
     zero = constants.get(node.input[3], np.zeros(1)) if len(node.input) > 3 and node.input[3] else np.zeros(1)
-    scales = constants.get(producers_scale(rescale, graph))
+    scales = constants.get(made.input[1]) if made is not None else None
     if scales is None:
         raise NotApplicable(f"{node.name!r}: its weight scales are not a constant")
     name = f"{PREFIX}{node.input[1]}/dequantized"
     graph.initializer.append(numpy_helper.from_array(((weight - zero) * scales).astype(np.float32), name))
     graph.node.append(helper.make_node("MatMul", [x, name], [rescale.output[0]], name=f"{PREFIX}{node.name}/float"))
     graph.node.remove(rescale)
-
-
-def producers_scale(rescale, graph) -> str | None:
-    """The weight-scale input of the `Mul(call scale, weight scales)` whose product `rescale` applies."""
-    scales = next((n for n in graph.node if rescale.input[1] in n.output), None)
-    return scales.input[1] if scales is not None and scales.op_type == "Mul" else None
 
 
 def float_activation_products(graph) -> int:
@@ -206,7 +204,7 @@ def rewrite(graph, shapes: dict[str, tuple]) -> dict:
     counts = {"tokens_scaled": 0, "products": 0, "attentions": 0, "left_in_float": left, "pooled_in_float": 0}
     for node in [n for n in graph.node if n.op_type == "MatMulInteger"]:
         if len(shapes.get(producers[node.input[0]].input[0], ())) == 2:
-            float_product(node, producers[node.input[0]].input[0], graph, constants, readers)
+            float_product(node, producers[node.input[0]].input[0], graph, constants, readers, producers)
             counts["pooled_in_float"] += 1
     drop_unread(graph)
     readers, producers = readers_of(graph), {o: n for n in graph.node for o in n.output}
@@ -292,13 +290,13 @@ def rewritten(path: Path, rewrite_graph, atol: float) -> dict:
     was and the reason returned."""
     import onnx
 
-    from toolkit.stages.onnx_common import unpacked
+    from toolkit.stages.onnx_common import EXTERNAL_DATA, external_data, unpacked
     from toolkit.stages.packing import NotPackable, batch_invariance, ort_errors
 
     start = time.perf_counter()
     model = onnx.load(str(path), load_external_data=False)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return {"applied": False, "reason": "the graph keeps its weights in external data files"}
+    if external_data(model):
+        return {"applied": False, "reason": EXTERNAL_DATA}
     if any(n.name.startswith(PREFIX) for n in unpacked(model.graph).node):
         return {"applied": False, "reason": "the graph's activation scales are rewritten already"}
     if unpacked(model.graph) is not model.graph:
@@ -317,24 +315,6 @@ def rewritten(path: Path, rewrite_graph, atol: float) -> dict:
     onnx.save(model, str(path))
     return {**counts, "applied": True, "probe_alone_vs_batched": difference,
             "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
-
-
-def token_peaks(model, names: list[str], batches) -> tuple[dict[str, float], int]:
-    """The largest |x| of each named tensor over the real tokens of `batches` (a `[batch, seq, width]` tensor's
-    padding excluded; pooled `[batch, width]` rows all count), and how many real tokens were seen."""
-    from toolkit.stages.onnx_common import tensor_session
-
-    session = tensor_session(model, names)
-    wanted = [i.name for i in session.get_inputs()]
-    peaks, tokens = dict.fromkeys(names, 0.0), 0
-    for batch in batches:
-        feeds = {k: batch.get(k, np.zeros_like(batch["input_ids"])) for k in wanted}
-        real = batch.get("attention_mask", np.ones_like(batch["input_ids"])).astype(bool)
-        tokens += int(real.sum())
-        for name, value in zip(names, session.run(names, feeds), strict=True):
-            rows = value[real] if value.ndim == 3 and value.shape[:2] == real.shape else value
-            peaks[name] = max(peaks[name], float(np.abs(rows).max()))
-    return peaks, tokens
 
 
 def calibrated_rewrite(graph, peaks: dict[str, float]) -> dict:
@@ -385,10 +365,8 @@ def fixed_product(node, scale: np.float32, graph, constants, readers, producers)
     1 when the bias Add was folded in."""
     from onnx import helper, numpy_helper
 
-    cast = only_reader(node.output[0], "Cast", readers)
-    rescale = only_reader(cast.output[0], "Mul", readers)
-    scales = producers.get(rescale.input[1])
-    if scales is None or scales.op_type != "Mul" or scales.input[1] not in constants:
+    rescale, scales = rescaled(node, readers, producers)
+    if scales is None or scales.input[1] not in constants:
         raise NotApplicable(f"{node.name!r}: its product is not rescaled by call scale x weight scale")
     folded = f"{PREFIX}{node.name}/scales"
     graph.initializer.append(numpy_helper.from_array((constants[scales.input[1]] * scale).astype(np.float32), folded))
@@ -417,7 +395,10 @@ def calibrated_scales(path: Path, batches, atol: float = 1e-4) -> dict:
         names = sorted({n.input[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"})
         if not names:
             raise NotApplicable("no DynamicQuantizeLinear: the graph has no per-call activation scales")
-        peaks, tokens = token_peaks(model, names, batches)
+        from toolkit.stages.smoothing import activation_maxima
+
+        peaks = {name: float(m.max()) for name, m in activation_maxima(model, names, batches).items()}
+        tokens = int(sum(b["attention_mask"].sum() for b in batches))
         return {**calibrated_rewrite(model.graph, peaks), "left_in_float": left, "calibration_tokens": tokens}
 
     return rewritten(path, apply, atol)
