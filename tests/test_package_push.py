@@ -186,8 +186,15 @@ def test_onnx_selection_is_pushed_in_the_hub_layout_that_every_loader_reads(toy_
     manifest = Manifest.load(tmp_path / "run")
     upload = plan_upload(manifest, "user/toy")
     assert upload.artifact.format == "onnx"
-    repo = upload.write(tmp_path / "repo")
+    # `toolkit push --local-dir` writes exactly what would be uploaded, and nothing into a folder with files in it.
+    repo = tmp_path / "repo"
+    pushed = CliRunner().invoke(app, ["push", str(tmp_path / "run"), "--repo-id", "user/toy", "--local-dir", str(repo)])
+    assert pushed.exit_code == 0, pushed.output
     names = {n for n, _ in upload.files}
+    assert {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()} == names | {"README.md"}
+    assert (repo / "README.md").read_text() == upload.card
+    again = CliRunner().invoke(app, ["push", str(tmp_path / "run"), "--repo-id", "user/toy", "--local-dir", str(repo)])
+    assert again.exit_code != 0 and "not an empty folder" in again.output
     assert {"model.safetensors", "config.json", "tokenizer.json", "onnx/model.onnx", "onnx/config.json"} <= names
     chosen = {"export": "model.onnx", "optimize": "model_optimized.onnx", "quantize": "model_quantized.onnx"}[
         manifest.selection["stage"]

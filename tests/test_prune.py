@@ -29,7 +29,12 @@ def encoded(folder, texts=("the film was superb", "a dull plot and it was bad ve
 
 
 def test_uneven_heads_and_ffn_round_trip_through_save_load_and_onnx(tiny_model, tmp_path):
+    """The saved folder is uniform (every head, pruned ones as zeros): stock `from_pretrained`, which is all
+    transformers 5 can do, gives the pruned model's logits; toolkit's loader slices the zeros away again."""
     from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    from toolkit.runtime.checkpoint import PRUNED_HEADS_KEY, load_classifier
 
     torch.manual_seed(1)
     model = classifier(tiny_model)
@@ -38,30 +43,70 @@ def test_uneven_heads_and_ffn_round_trip_through_save_load_and_onnx(tiny_model, 
     inputs = encoded(tiny_model)
     with torch.no_grad():
         expected = model(**inputs).logits
-    model.save_pretrained(tmp_path / "pruned")
-    from transformers import AutoTokenizer
-
+    assert pruning.save_uniform(model, tmp_path / "pruned") == {"0": [1, 2], "1": [0, 1, 3]}
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "pruned")
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
-    assert config["pruned_heads"] == {"0": [1, 2], "1": [0, 1, 3]}
+    assert "pruned_heads" not in config and config[PRUNED_HEADS_KEY] == {"0": [1, 2], "1": [0, 1, 3]}
     assert config["intermediate_size"] == 32
-    reloaded = classifier(tmp_path / "pruned")
+    assert model.config.pruned_heads == {0: [1, 2], 1: [0, 1, 3]}  # the model in memory is left as it was
+
+    stock = classifier(tmp_path / "pruned")
+    assert pruning.head_counts(stock) == [4, 4]
+    value = stock.bert.encoder.layer[1].attention.self.value
+    size = value.out_features // 4
+    assert value.weight[: 2 * size].abs().sum() == 0 and value.weight[2 * size : 3 * size].abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**inputs).logits, expected, rtol=0, atol=1e-6)
+
+    reloaded = load_classifier(tmp_path / "pruned").eval()
     assert pruning.head_counts(reloaded) == [2, 1]
     assert pruning.kept_heads(reloaded.config) == [[0, 3], [2]]
+    assert not hasattr(reloaded.config, PRUNED_HEADS_KEY)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=0, atol=1e-6)
+    # Saved again (as every later stage does), the folder is the same uniform one.
+    pruning.save_uniform(reloaded, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())[PRUNED_HEADS_KEY] == config[PRUNED_HEADS_KEY]
     onnx = ORTModelForSequenceClassification.from_pretrained(tmp_path / "pruned", export=True)
     onnx_logits = onnx(**encoded(tmp_path / "pruned")).logits
     np.testing.assert_allclose(np.asarray(onnx_logits), expected.numpy(), atol=1e-4)
 
 
 def test_second_pruning_keeps_original_head_indices(tiny_model, tmp_path):
+    from toolkit.runtime.checkpoint import load_classifier
+
     model = classifier(tiny_model)
     pruning.keep_heads(model, [[1, 2, 3], [0, 1, 2, 3]])
+    pruning.save_uniform(model, tmp_path / "once")
+    model = load_classifier(tmp_path / "once")
     pruning.keep_heads(model, [[0, 2], [3]])  # current indices: layer 0 keeps original heads 1 and 3
     assert pruning.kept_heads(model.config) == [[1, 3], [3]]
-    model.save_pretrained(tmp_path / "twice")
-    assert pruning.head_counts(classifier(tmp_path / "twice")) == [2, 1]
+    pruning.save_uniform(model, tmp_path / "twice")
+    assert pruning.head_counts(load_classifier(tmp_path / "twice")) == [2, 1]
+    assert pruning.head_counts(classifier(tmp_path / "twice")) == [4, 4]
+
+
+def test_distilbert_heads_zero_filled_load_stock(tmp_path):
+    """DistilBERT's own layout (q_lin/k_lin/v_lin, out_lin, n_heads) takes the same uniform save."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from toolkit.runtime.checkpoint import load_classifier
+
+    torch.manual_seed(2)
+    config = DistilBertConfig(vocab_size=64, dim=32, n_heads=4, hidden_dim=48, n_layers=2, num_labels=3)
+    model = DistilBertForSequenceClassification(config).eval()
+    pruning.keep_heads(model, [[1], [0, 2, 3]])
+    ids = torch.tensor([[1, 5, 9, 11, 0, 0], [3, 4, 5, 6, 7, 8]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    pruning.save_uniform(model, tmp_path / "d")
+    stock = DistilBertForSequenceClassification.from_pretrained(tmp_path / "d").eval()
+    compact = load_classifier(tmp_path / "d").eval()
+    assert pruning.head_counts(stock) == [4, 4] and pruning.head_counts(compact) == [1, 3]
+    with torch.no_grad():
+        for loaded in (stock, compact):
+            torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=1e-6)
 
 
 def test_never_removes_every_head_of_a_layer(tiny_model):
@@ -142,8 +187,12 @@ def test_prune_stage_in_pipeline(toy_recipe, write_recipe, tmp_path):
     assert [r["ffn_size"] for r in info["rounds"]] == [52, 40]
     saved = json.loads((tmp_path / "run" / "prune" / "pruning.json").read_text())
     assert saved["kept_heads"] == info["kept_heads"]
-    model = classifier(tmp_path / "run" / "prune")
-    assert pruning.head_counts(model) == [2, 2] and pruning.ffn_sizes(model) == [40, 40]
+    model = classifier(tmp_path / "run" / "prune")  # stock: the pruned heads are there, as zeros
+    assert pruning.head_counts(model) == [4, 4] and pruning.ffn_sizes(model) == [40, 40]
+    stock = entry["evaluation"]["stock_load"]  # ... and answer the whole evaluation split as the compact model
+    assert stock["agreement"] == 1 and stock["max_abs_diff"] <= 1e-4 and stock["n"] == entry["evaluation"]["n"]
+    pruned = {layer: sorted(set(range(4)) - set(kept)) for layer, kept in enumerate(info["kept_heads"])}
+    assert {int(k): v for k, v in stock["zero_filled_heads"].items()} == pruned
     assert entry["evaluation"]["accuracy"] >= 0.85, entry["evaluation"]
     assert entry["evaluation"]["parity"]["n"] == entry["evaluation"]["n"]
 

@@ -187,8 +187,18 @@ def push(
     repo_id: Annotated[str, typer.Option("--repo-id", help="Hub repository, user/name.", show_default=False)],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be uploaded; upload nothing.")] = False,
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+    local_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--local-dir",
+            help="Write exactly the repo that would be uploaded into this folder (new or empty); upload nothing.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Upload the run's selected model with a generated model card. Token: HF_TOKEN or `hf auth login`."""
+    """Upload the run's selected model with a generated model card. Token: HF_TOKEN or `hf auth login`.
+    `--local-dir` writes the same repo to a folder instead (to review it, or to carry it to another machine:
+    `hf upload REPO DIR` pushes it as is; `TOOLKIT_HUB_MODEL=DIR` serves it)."""
     import re
 
     from toolkit.config import REPO_ID
@@ -198,13 +208,16 @@ def push(
 
     if not re.match(REPO_ID, repo_id):
         _fail(f"error: --repo-id must look like user/name, got {repo_id!r}")
+    if local_dir is not None and local_dir.exists() and (not local_dir.is_dir() or any(local_dir.iterdir())):
+        _fail(f"error: --local-dir {local_dir} exists and is not an empty folder; name a new or empty one")
     with _errors():
         upload = plan_upload(Manifest.load(run_dir), repo_id)
-        typer.echo(
-            f"{'would upload' if dry_run else 'uploading'} to {repo_id} ({upload.artifact.stage}, "
-            f"{upload.artifact.format}{', private' if private else ''}):"
-        )
+        what = f"{repo_id} ({upload.artifact.stage}, {upload.artifact.format}{', private' if private else ''})"
+        if local_dir is not None:
+            typer.echo(f"writing the repo for {what} to {upload.write(local_dir)}:")
+        else:
+            typer.echo(f"{'would upload' if dry_run else 'uploading'} to {what}:")
         for line in upload.listing():
             typer.echo(f"  {line}")
-        if not dry_run:
+        if not dry_run and local_dir is None:
             typer.echo(f"done: {push_upload(upload, private)}")

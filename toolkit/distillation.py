@@ -13,6 +13,7 @@ from textbrewer import losses
 from torch import nn
 
 from toolkit.config import AugmentConfig, DistillConfig, layer_period, spaced_layers, student_layers
+from toolkit.runtime.checkpoint import load_classifier
 
 
 def _attn(cfg: DistillConfig) -> dict[str, str]:
@@ -21,22 +22,20 @@ def _attn(cfg: DistillConfig) -> dict[str, str]:
 
 
 def load_teacher(path, cfg: DistillConfig):
-    from transformers import AutoModelForSequenceClassification
-
-    teacher = AutoModelForSequenceClassification.from_pretrained(path, **_attn(cfg))
+    teacher = load_classifier(path, **_attn(cfg))
     teacher.requires_grad_(False)
     return teacher.eval()
 
 
 def build_student(cfg: DistillConfig, current: Path | str, teacher, tokenizer):
     """(student model, layer map) with the teacher's labels; a layer subset comes from the `current` model."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from toolkit import pruning
 
     spec = cfg.student
     if spec.model is None:
-        source = AutoModelForSequenceClassification.from_pretrained(current, **_attn(cfg))
+        source = load_classifier(current, **_attn(cfg))
         depth = source.config.num_hidden_layers
         period = layer_period(source.config.to_dict())
         layers = spec.layers or student_layers(depth, spec.num_layers, period)
@@ -52,7 +51,7 @@ def build_student(cfg: DistillConfig, current: Path | str, teacher, tokenizer):
                 f"student.model {spec.model!r} has a different vocabulary from the teacher; teacher and student "
                 "must read the same token ids (pick a student built on the teacher's tokenizer)"
             )
-        student = AutoModelForSequenceClassification.from_pretrained(
+        student = load_classifier(
             name,
             revision=spec.revision,
             num_labels=teacher.config.num_labels,

@@ -3,6 +3,7 @@ from, speed on real texts with fixed threads and warm-up, size and parameter cou
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -12,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from toolkit.errors import ToolkitError
 from toolkit.metrics import classification_metrics
 from toolkit.runtime import load_model, weights_size
+from toolkit.runtime.checkpoint import zero_filled_heads
 
 if TYPE_CHECKING:
     from toolkit.config import EvaluateConfig, SpeedConfig
@@ -30,6 +33,33 @@ def parity(logits: np.ndarray, reference: np.ndarray) -> dict[str, float]:
         "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
         "n": int(len(logits)),
     }
+
+
+# Largest logit difference allowed between a head-pruned folder loaded stock (pruned heads as zeros) and compact:
+# the two only sum the same products in another order.
+STOCK_LOAD_TOLERANCE = 1e-4
+
+
+class StockLoadError(ToolkitError, RuntimeError):
+    """A saved PyTorch folder that stock transformers would load with other answers than toolkit evaluated."""
+
+
+def stock_load(artifact: Artifact, logits: np.ndarray, texts: list[str], cfg: EvaluateConfig, max_length: int,
+               device: str) -> dict[str, Any]:  # fmt: skip
+    """A head-pruned folder as stock transformers (4 or 5) loads it, every head there and the pruned ones zeros,
+    against the compact model toolkit evaluated (`logits`): what a user loads must answer as what was measured."""
+    heads = zero_filled_heads(json.loads((Path(artifact.path) / "config.json").read_text(encoding="utf-8")))
+    if not heads:
+        return {}
+    stock = load_model(artifact.path, "pytorch", max_length, cfg.speed.threads, device, compact_heads=False)
+    check = {**parity(stock.logits_batched(texts, cfg.batch_size), logits), "zero_filled_heads": heads}
+    if check["agreement"] < 1 or check["max_abs_diff"] > STOCK_LOAD_TOLERANCE:
+        raise StockLoadError(
+            f"{artifact.path} loaded by stock transformers (pruned heads as zeros) answers otherwise than the "
+            f"compact model evaluated: agreement {check['agreement']:.4f}, largest logit difference "
+            f"{check['max_abs_diff']:.2e} (allowed {STOCK_LOAD_TOLERANCE:.0e}); this is a toolkit bug, please report it"
+        )
+    return {"stock_load": check}
 
 
 def percentile_ms(seconds: list[float], q: float) -> float:
@@ -197,6 +227,8 @@ def _evaluate(artifact, data, cfg, max_length, logits_file, reference_logits, de
     result["accuracy"] = scores["accuracy"]  # selection and reports rely on it
     if reference_logits is not None and reference_logits.shape == logits.shape:
         result["parity"] = parity(logits, reference_logits)
+    if artifact.format == "pytorch":
+        result.update(stock_load(artifact, logits, texts, cfg, max_length, device))
     if cfg.speed.enabled:
         result["speed"] = measure_speed(predictor.logits, texts, cfg.speed, predictor.threads)
     result["size_bytes"] = weights_size(Path(artifact.path))

@@ -67,10 +67,7 @@ def plan_upload(manifest: Manifest, repo_id: str) -> Upload:
     folder = Path(artifact.path)
     if not folder.is_dir():
         raise HubError(f"the selected model's folder {folder} is missing; re-run the recipe")
-    if artifact.format in ("onnx", "openvino"):
-        files = onnx_layout(manifest, artifact)
-    else:
-        files = [(rel.as_posix(), folder / rel) for rel in model_files(folder) if rel.name != "README.md"]
+    files = onnx_layout(manifest, artifact) if artifact.format in ("onnx", "openvino") else pytorch_files(folder)
     max_length = int((manifest.data.get("recipe") or {}).get("model", {}).get("max_length", 128))
     files = [(name, _with_max_length(name, content, max_length)) for name, content in files]
     files.append((META_FILE, json.dumps(hub_meta(manifest, artifact, max_length), indent=2).encode()))
@@ -130,7 +127,7 @@ def onnx_layout(manifest: Manifest, artifact: Artifact) -> list[tuple[str, Path 
     pytorch = Path((manifest.stage(stage) or {}).get("output", {}).get("path", ""))
     if not chain or not pytorch.is_dir():
         raise HubError(f"the PyTorch model behind {artifact.stage!r} is missing ({pytorch}); re-run the recipe")
-    files = [(rel.as_posix(), pytorch / rel) for rel in model_files(pytorch) if rel.name != "README.md"] + files
+    files = pytorch_files(pytorch) + files
     selected = Path(chain[0][1])  # the newest graph's folder: its config and tokenizer go beside the graphs
     weights = {data for graph in selected.glob("*.onnx") for data in external_data(graph)}
     for rel in model_files(selected):
@@ -139,6 +136,18 @@ def onnx_layout(manifest: Manifest, artifact: Artifact) -> list[tuple[str, Path 
     for name, folder in reversed(chain):
         files += graph_files(onnx_file(folder), onnx_file_name(manifest, name))
     return files
+
+
+def pytorch_files(folder: Path) -> list[tuple[str, Path | bytes]]:
+    """A PyTorch folder's files for the repo root; refused when only transformers 4 could load it."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config.get("pruned_heads"):
+        raise HubError(
+            f"{folder} holds sliced attention heads (`pruned_heads` in its config.json), written by an older toolkit: "
+            "transformers 5 cannot load it. Re-run the recipe from that stage (`toolkit run RECIPE --from STAGE`): "
+            "toolkit now writes pruned heads as zeros, which every transformers version loads"
+        )
+    return [(rel.as_posix(), folder / rel) for rel in model_files(folder) if rel.name != "README.md"]
 
 
 def _data_locations(model) -> list:

@@ -27,6 +27,7 @@ from torch import nn
 
 from toolkit.config.stages import subset_problem
 from toolkit.errors import ToolkitError
+from toolkit.sources import PRUNED_HEADS_KEY
 
 
 class PruningError(ToolkitError, ValueError):
@@ -333,3 +334,60 @@ def keep_layers(model: nn.Module, keep: list[int]) -> None:
     if hasattr(owner, "n_layers"):  # DistilBERT's Transformer keeps its own count
         owner.n_layers = len(keep)
     model.config.pruned_heads = {new: pruned[old] for new, old in enumerate(keep) if pruned.get(old)}
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def uniform_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(`state` with every pruned head back at its place as zeros, the zero-filled heads per layer): the weights
+    of the uniform layout that stock transformers 4 and 5 load (`toolkit.runtime.checkpoint` says why it is
+    exact). `state` is the model's state dict (or Accelerate's copy of it, same keys)."""
+    pruned = {int(k): sorted(v) for k, v in (model.config.pruned_heads or {}).items() if v}
+    if not pruned:
+        return state, {}
+    lay = layout(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    full = dict(state)
+    for number, layer in enumerate(encoder_layers(model)):
+        if number not in pruned:
+            continue
+        size = getattr(lay.attention(layer), lay.head_size_attr)
+        kept = kept_heads(model.config)[number]
+        index = torch.tensor([h * size + i for h in kept for i in range(size)], dtype=torch.long)
+        width = model.config.num_attention_heads * size
+        for name in lay.qkv:
+            key = names[id(getattr(lay.attention(layer), name))]
+            full[f"{key}.weight"] = _placed(state[f"{key}.weight"], index, width, dim=0)
+            if f"{key}.bias" in state:
+                full[f"{key}.bias"] = _placed(state[f"{key}.bias"], index, width, dim=0)
+        key = names[id(_linear(lay.attention_out(layer)))]
+        full[f"{key}.weight"] = _placed(state[f"{key}.weight"], index, width, dim=1)
+    return full, {str(layer): heads for layer, heads in pruned.items()}
+
+
+def _placed(tensor: torch.Tensor, index: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """A zero tensor `width` wide along `dim` with `tensor`'s slices at `index`."""
+    shape = list(tensor.shape)
+    shape[dim] = width
+    return torch.zeros(shape, dtype=tensor.dtype, device=tensor.device).index_copy_(
+        dim, index.to(tensor.device), tensor
+    )
+
+
+def save_uniform(model: nn.Module, out_dir, state: dict[str, torch.Tensor] | None = None) -> dict:
+    """`model.save_pretrained(out_dir)` (with `state` instead of the model's own tensors when given) in the
+    uniform layout, so the folder loads in stock transformers 4 and 5; returns the zero-filled heads."""
+    full, heads = uniform_state(model, state if state is not None else model.state_dict())
+    if not heads:
+        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        return {}
+    config, recorded = model.config, model.config.pruned_heads
+    config.pruned_heads = {}  # the default, so config.json has no `pruned_heads` for 4.x to rebuild from
+    setattr(config, PRUNED_HEADS_KEY, heads)
+    try:
+        model.save_pretrained(out_dir, state_dict=full, safe_serialization=True)
+    finally:
+        config.pruned_heads = recorded
+        delattr(config, PRUNED_HEADS_KEY)
+    return heads

@@ -14,6 +14,10 @@ from pathlib import Path
 from toolkit.errors import ToolkitError
 
 PACKAGE_PREFIX = "package:"
+# A head-pruned PyTorch folder toolkit writes keeps every head (pruned ones as zeros, so that transformers 5
+# loads it) and lists the zero-filled ones in its config.json under this key: {layer: [original head indices]}.
+# toolkit.runtime.checkpoint explains the layout; the recipe checks read it as `pruned_heads`.
+PRUNED_HEADS_KEY = "toolkit_pruned_heads"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
 from toolkit.metrics import classification_metrics
+from toolkit.pruning import save_uniform
 from toolkit.runtime import resolve_device
 
 if TYPE_CHECKING:
@@ -223,8 +224,9 @@ def fit(
 
 def save_pretrained(model, tokenizer, out_dir: Path, state_dict: dict | None = None, prefix: str = "") -> None:
     """`model` with `tokenizer`; `state_dict` (Accelerate's, keys under `prefix` when `model` is part of the
-    trained module) instead of the model's own tensors, which under FSDP are shards."""
+    trained module) instead of the model's own tensors, which under FSDP are shards. Pruned heads are written
+    as zeros (`toolkit.pruning.save_uniform`): the folder loads in transformers 4 and 5."""
     if state_dict is not None:
         state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
-    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    save_uniform(model, out_dir, state_dict)
     tokenizer.save_pretrained(out_dir)

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
 
-from toolkit.sources import SourceError, resolve_model
+from toolkit.sources import PRUNED_HEADS_KEY, SourceError, resolve_model
 
 # A Hub repository id, `user/name`.
 REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -32,8 +32,12 @@ def model_reference(value: str, info: ValidationInfo) -> str:
 
 
 def local_model_shape(name: str) -> dict[str, Any] | None:
-    """A model's `config.json` when it is a local folder (None for a Hub id: nothing to read offline)."""
-    return _local_json(Path(name) / "config.json")
+    """A model's `config.json` when it is a local folder (None for a Hub id: nothing to read offline), with the
+    heads a toolkit folder holds as zeros counted as pruned (what toolkit's loader makes of it)."""
+    shape = _local_json(Path(name) / "config.json")
+    if shape and shape.get(PRUNED_HEADS_KEY):
+        shape = {**shape, "pruned_heads": shape[PRUNED_HEADS_KEY]}
+    return shape
 
 
 def local_tokenizer_config(name: str) -> dict[str, Any] | None:

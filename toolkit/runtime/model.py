@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.runtime.checkpoint import load_classifier
 from toolkit.runtime.hardware import resolve_device, resolve_threads
 from toolkit.runtime.onnx import onnx_file, ort_session
 from toolkit.runtime.tokenizer import Tokenizer
@@ -167,10 +168,19 @@ class OnnxModel(InferenceModel):
 class TorchModel(InferenceModel):
     format = "pytorch"
 
-    def __init__(self, path: Path | str, max_length: int, threads: int | None = None, device: str | None = None):
+    def __init__(
+        self,
+        path: Path | str,
+        max_length: int,
+        threads: int | None = None,
+        device: str | None = None,
+        compact_heads: bool = True,
+    ):
+        """`compact_heads=False` runs a head-pruned folder as stock transformers loads it (its pruned heads as
+        zeros) instead of sliced away."""
         try:
             import torch
-            from transformers import AutoModelForSequenceClassification
+            import transformers  # noqa: F401
         except ImportError as exc:
             raise ImportError(
                 f"{path} holds a PyTorch model, which needs torch and transformers; the CPU bento ships only "
@@ -180,7 +190,7 @@ class TorchModel(InferenceModel):
         super().__init__(path, max_length, threads, device)
         torch.set_num_threads(self.threads)
         self.device = resolve_device(device, "torch")
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        self.model = load_classifier(path, compact_heads).to(self.device).eval()
         # DistilBERT/RoBERTa-style models take no token_type_ids.
         accepted = inspect.signature(self.model.forward).parameters
         self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]

@@ -21,14 +21,15 @@ def pytorch_source(ctx: StageContext) -> Artifact:
 def run(cfg: ExportConfig, ctx: StageContext) -> StageResult:
     import torch
     from optimum.exporters.onnx import onnx_export_from_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from toolkit import pruning
     from toolkit.runtime import onnx_file
+    from toolkit.runtime.checkpoint import load_classifier
     from toolkit.stages.onnx_common import op_counts
 
     source = pytorch_source(ctx)
-    model = AutoModelForSequenceClassification.from_pretrained(source.path, torch_dtype=torch.float32).eval()
+    model = load_classifier(source.path, torch_dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     # Validation against PyTorch on dummy inputs is skipped: the parity gate checks the whole test split.
     onnx_export_from_model(

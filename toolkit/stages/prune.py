@@ -16,14 +16,13 @@ def round_targets(start: list[int], final: list[int], rounds: int) -> list[list[
 
 
 def run(cfg: PruneConfig, ctx: StageContext) -> StageResult:
-    from transformers import AutoModelForSequenceClassification
-
     from toolkit import pruning
+    from toolkit.runtime.checkpoint import load_classifier
     from toolkit.training import fit, make_dataloaders, save_pretrained, start
 
     setup = start(cfg, ctx.device, ctx.source.path, ctx.data, ctx.max_length)
     accelerator, tokenizer, tokenized = setup.accelerator, setup.tokenizer, setup.tokenized
-    model = AutoModelForSequenceClassification.from_pretrained(ctx.source.path)
+    model = load_classifier(ctx.source.path)
     # Every process scores the same batches in the same order, so all of them cut the same model; plainly
     # shuffled batches, since length-grouped ones would put the longest texts first.
     score_dl, eval_dl = make_dataloaders(tokenized, tokenizer, cfg.model_copy(update={"group_by_length": False}))

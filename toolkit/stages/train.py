@@ -7,14 +7,13 @@ from toolkit.stages.base import Artifact, StageContext, StageResult
 
 
 def run(cfg: TrainConfig, ctx: StageContext) -> StageResult:
-    from transformers import AutoModelForSequenceClassification
-
+    from toolkit.runtime.checkpoint import load_classifier
     from toolkit.training import fit, make_dataloaders, save_pretrained, start
 
     revision = ctx.revision_of(ctx.source)
     setup = start(cfg, ctx.device, ctx.source.path, ctx.data, ctx.max_length, revision)
     labels = ctx.data.label_names
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = load_classifier(
         ctx.source.path,
         revision=revision,
         num_labels=len(labels),

@@ -19,8 +19,8 @@ def corpus(cfg: TrimVocabConfig, ctx: StageContext) -> list[str]:
 
 
 def run(cfg: TrimVocabConfig, ctx: StageContext) -> StageResult:
-    from transformers import AutoModelForSequenceClassification
-
+    from toolkit.pruning import save_uniform
+    from toolkit.runtime.checkpoint import load_classifier
     from toolkit.vocabulary import VocabularyError, trim_embeddings, used_ids, write_tokenizer
 
     source = Path(ctx.source.path)
@@ -28,10 +28,10 @@ def run(cfg: TrimVocabConfig, ctx: StageContext) -> StageResult:
         raise VocabularyError(f"{source} has no tokenizer.json: trim_vocab rewrites a fast tokenizer's file")
     texts = corpus(cfg, ctx)
     keep = used_ids(source / "tokenizer.json", texts)
-    model = AutoModelForSequenceClassification.from_pretrained(source)
+    model = load_classifier(source)
     params_before = sum(p.numel() for p in model.parameters())
     info = trim_embeddings(model, keep)
-    model.save_pretrained(ctx.out_dir)
+    save_uniform(model, ctx.out_dir)
     write_tokenizer(source, ctx.out_dir, keep)
     info.update(
         {
