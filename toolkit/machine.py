@@ -86,11 +86,15 @@ def describe_load(load: dict[str, Any]) -> str:
 
 
 def environment() -> dict[str, Any]:
-    """What the figures were taken on: CPU, cores, and the versions of the libraries that time and run models."""
+    """What the figures were taken on: CPU, cores, and the versions of the libraries that time and run models.
+    `cores` is min(affinity, ceil(cgroup CPU quota)); `affinity_cores` and `cpu_quota` (CPUs, None: no quota) are
+    its parts, `threads` the intra-op threads a model gets when its settings name none (TOOLKIT_THREADS, else
+    `cores`) and `cores_source` the line that says so."""
     import importlib.metadata
     import platform
 
-    from toolkit.runtime import available_cores, cpu_model
+    from toolkit.runtime import cpu_model, resolve_threads
+    from toolkit.runtime.hardware import core_count
 
     versions = {}
     for package in ("torch", "transformers", "onnxruntime", "optimum", "optimum-onnx", "accelerate", "bentoml"):
@@ -98,9 +102,14 @@ def environment() -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             continue
+    cores = core_count()
     return {
         "cpu": cpu_model(),
-        "cores": available_cores(),
+        "cores": cores.cores,
+        "affinity_cores": cores.affinity,
+        "cpu_quota": cores.quota,
+        "threads": resolve_threads(),
+        "cores_source": cores.text,
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "versions": versions,

@@ -43,6 +43,9 @@ HUB_MODEL = os.environ.get("TOOLKIT_HUB_MODEL")
 ACCESS_LOG = os.environ.get("TOOLKIT_ACCESS_LOG", "0") == "1"
 # Likewise OpenTelemetry's span per request (sampled or not); TOOLKIT_TRACE_REQUESTS=1 traces the routes again.
 TRACE_REQUESTS = os.environ.get("TOOLKIT_TRACE_REQUESTS", "0") == "1"
+# Under BentoML's logger: `bentoml serve` passes only warnings from other loggers, so the start-up lines would not
+# show; as its child they do, at the level BentoML is given (`--verbose`, quiet).
+LOG = logging.getLogger("bentoml.toolkit.serving")
 
 
 def latest_model_tag() -> str:
@@ -171,15 +174,19 @@ class Classifier:
     bento_model = None if HUB_MODEL else bentoml.models.BentoModel(latest_model_tag())
 
     def __init__(self) -> None:
+        from toolkit.runtime.hardware import core_count
         from toolkit.serving.batching import MicroBatcher
         from toolkit.serving.bundle import read_meta
         from toolkit.serving.model import ServedModel, session_settings
 
         folder = self._model_folder()
         # Threads, spinning and SkipLayerNorm fusion as the package stage measured them on this CPU (or set by
-        # TOOLKIT_THREADS, TOOLKIT_ORT_SPIN, TOOLKIT_ORT_FUSE_SLN); workers share the cores.
+        # TOOLKIT_THREADS, TOOLKIT_ORT_SPIN, TOOLKIT_ORT_FUSE_SLN); workers share the cores, which are the CPU
+        # affinity lowered to the cgroup's CPU quota (a container's CPU limit), rounded up.
         settings, source = session_settings(read_meta(folder), WORKERS)
-        logging.getLogger("toolkit.serving").info("serving %s; session settings %s (%s)", folder, settings, source)
+        LOG.info("serving %s; session settings %s (%s)", folder, settings, source)
+        LOG.info("intra-op threads: %d per worker, %d worker(s) (%s); this process may use %s",
+                 settings["threads"], WORKERS, source, core_count().text)  # fmt: skip
         self.runtime = ServedModel(folder, settings.pop("threads"), **settings)
         self.labels = self.runtime.labels
         lanes = [lambda texts, model=model: list(model.logits(texts)) for model in self.runtime.lanes]
@@ -266,7 +273,7 @@ async def classify_fast(body: bytes) -> tuple[int, bytes]:
     except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
         return 504, json.dumps({"error": f"no answer within TOOLKIT_TIMEOUT_S={TIMEOUT_S} s"}).encode()
     except Exception:  # BentoML's answer to a failing API method, so that every route fails alike
-        logging.getLogger("toolkit.serving").exception("/classify failed")
+        LOG.exception("/classify failed")
         return 500, json.dumps({"error": MODEL_FAILED}).encode()
 
 
