@@ -193,6 +193,14 @@ def test_prune_stage_in_pipeline(toy_recipe, write_recipe, tmp_path):
     assert stock["agreement"] == 1 and stock["max_abs_diff"] <= 1e-4 and stock["n"] == entry["evaluation"]["n"]
     pruned = {layer: sorted(set(range(4)) - set(kept)) for layer, kept in enumerate(info["kept_heads"])}
     assert {int(k): v for k, v in stock["zero_filled_heads"].items()} == pruned
+    from toolkit.hub import model_card
+    from toolkit.manifest import Artifact
+
+    card = model_card(manifest, Artifact(tmp_path / "run" / "prune", "pytorch", "prune"), "user/pruned")
+    assert "the 4 heads pruning removed are there as zeros" in card and "100.00 % the same class" in card
+    assert (
+        "| root: `model.safetensors`, `config.json`, tokenizer |" in card and "onnx/" not in card.split("## Recipe")[0]
+    )
     assert entry["evaluation"]["accuracy"] >= 0.85, entry["evaluation"]
     assert entry["evaluation"]["parity"]["n"] == entry["evaluation"]["n"]
 

@@ -112,18 +112,13 @@ def onnx_layout(manifest: Manifest, artifact: Artifact) -> list[tuple[str, Path 
     loads it with `subfolder="openvino"`)."""
     from toolkit.runtime import onnx_file
 
-    chain, stage, files = [], artifact.stage, []
-    while True:  # follow each stage's recorded input back to the PyTorch model the export read
-        entry = manifest.stage(stage) or {}
-        output = entry.get("output") or {}
+    stage, chain, files = pytorch_root(manifest, artifact), [], []
+    for name, output in lineage(manifest, artifact):
         if output.get("format") == "openvino":
             ir = Path(output["path"])
             files += [(f"openvino/{rel.as_posix()}", ir / rel) for rel in model_files(ir) if rel.name != "README.md"]
-        elif output.get("format") != "onnx":
-            break
-        else:
-            chain.append((stage, Path(output["path"])))
-        stage = (entry.get("input") or {}).get("stage")
+        elif output.get("format") == "onnx":
+            chain.append((name, Path(output["path"])))
     pytorch = Path((manifest.stage(stage) or {}).get("output", {}).get("path", ""))
     if not chain or not pytorch.is_dir():
         raise HubError(f"the PyTorch model behind {artifact.stage!r} is missing ({pytorch}); re-run the recipe")
@@ -136,6 +131,27 @@ def onnx_layout(manifest: Manifest, artifact: Artifact) -> list[tuple[str, Path 
     for name, folder in reversed(chain):
         files += graph_files(onnx_file(folder), onnx_file_name(manifest, name))
     return files
+
+
+def lineage(manifest: Manifest, artifact: Artifact) -> list[tuple[str, dict]]:
+    """(stage, output record) from the selected model back along each stage's recorded input, while the outputs
+    are graphs (ONNX, OpenVINO); the PyTorch model the export read is `pytorch_root`."""
+    stages, stage = [], artifact.stage
+    while True:
+        entry = manifest.stage(stage) or {}
+        output = entry.get("output") or {}
+        if output.get("format") not in ("onnx", "openvino"):
+            return stages
+        stages.append((stage, output))
+        stage = (entry.get("input") or {}).get("stage")
+
+
+def pytorch_root(manifest: Manifest, artifact: Artifact) -> str | None:
+    """The stage whose PyTorch model goes at the repo root: the selected one, or the one its graphs came from."""
+    graphs = lineage(manifest, artifact)
+    if not graphs:
+        return artifact.stage
+    return ((manifest.stage(graphs[-1][0]) or {}).get("input") or {}).get("stage")
 
 
 def pytorch_files(folder: Path) -> list[tuple[str, Path | bytes]]:
@@ -278,6 +294,63 @@ def card_data(manifest: Manifest, artifact: Artifact, repo_id: str):
     )
 
 
+# What toolkit's compatibility test (tests/test_compat.py) loads a pushed folder with, in a side environment
+# (transformers) and in Node (transformers.js); the card names them.
+TESTED_TRANSFORMERS_5 = "5.25.0"
+TESTED_TRANSFORMERS_JS = "4.3.2"
+
+
+def where_files_run(manifest: Manifest, artifact: Artifact) -> str:
+    """The card's table of which file each runtime loads, and what toolkit checked it with."""
+    from importlib.metadata import version
+
+    graphs = lineage(manifest, artifact)
+    onnx = {onnx_file_name(manifest, name) for name, output in graphs if output.get("format") == "onnx"}
+    transformers4 = version("transformers")
+    rows = [
+        (
+            "root: `model.safetensors`, `config.json`, tokenizer",
+            "transformers 4.x and 5.x (`AutoModelForSequenceClassification`, `pipeline`), the Hub widget, Text "
+            "Embeddings Inference",
+            f"transformers {transformers4} (every run) and {TESTED_TRANSFORMERS_5} (toolkit's tests); TEI: not tested",
+        )
+    ]
+    js = f"transformers.js {TESTED_TRANSFORMERS_JS} in Node (toolkit's tests)"
+    described = {
+        "model.onnx": ("FP32", 'Optimum `ORTModelForSequenceClassification`, transformers.js (`dtype: "fp32"`), '
+                       "Text Embeddings Inference's ONNX backend, OpenVINO (`core.read_model`)", f"ONNX Runtime; {js}"),
+        "model_optimized.onnx": ("fused", "Optimum `ORTModelForSequenceClassification` (ONNX Runtime's fused "
+                                 "operators, CPU and CUDA): not a file name transformers.js looks for", "ONNX Runtime"),
+        "model_quantized.onnx": ("INT8", 'Optimum `ORTModelForSequenceClassification`, transformers.js (`dtype: "q8"`, '
+                                 "Node's onnxruntime-node; its INT8 operators are ONNX Runtime contrib operators)",
+                                 f"ONNX Runtime; {js}"),
+    }  # fmt: skip
+    for name in sorted(onnx, key=lambda n: list(described).index(n) if n in described else len(described)):
+        kind, where, tested = described.get(name, ("", "Optimum `ORTModelForSequenceClassification`", "ONNX Runtime"))
+        rows.append((f"`onnx/{name}`" + (f" ({kind})" if kind else ""), where, tested))
+    if any(output.get("format") == "openvino" for _, output in graphs):
+        rows.append(("`openvino/`", 'optimum-intel `OVModelForSequenceClassification` (`subfolder="openvino"`)',
+                     "OpenVINO"))  # fmt: skip
+    table = ["| File | Runs in | Checked with |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+    return "\n".join([*table, "", *root_lines(manifest, artifact)])
+
+
+def root_lines(manifest: Manifest, artifact: Artifact) -> list[str]:
+    """What the card says about the root's pruned heads: zero-filled, and how close it answered."""
+    evaluation = (manifest.stage(pytorch_root(manifest, artifact) or "") or {}).get("evaluation") or {}
+    stock = evaluation.get("stock_load")
+    if not stock:
+        return []
+    heads = sum(len(h) for h in stock["zero_filled_heads"].values())
+    return [
+        f"The root keeps every attention head: the {heads} heads pruning removed are there as zeros (listed under "
+        "`toolkit_pruned_heads` in its config.json), which adds nothing to the output and lets every transformers "
+        f"version load it. Loaded that way it answered the {stock['n']:,} evaluation texts as the compact model "
+        f"did: {100 * stock['agreement']:.2f} % the same class, largest logit difference {stock['max_abs_diff']:.1e}."
+        + (" The graphs under `onnx/` are the compact, fast ones." if lineage(manifest, artifact) else "")
+    ]
+
+
 # Where pip puts an installed package's files: `package:NAME/path` in a recipe.
 PACKAGE_DIRS = ("site-packages", "dist-packages")
 
@@ -365,6 +438,10 @@ project and
 ```bash
 curl -X POST http://127.0.0.1:3000/classify -H 'Content-Type: application/json' -d '{{"text": "what a great film"}}'
 ```
+
+## Where each file runs
+
+{where_files_run(manifest, artifact)}
 
 ## Recipe
 
