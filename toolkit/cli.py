@@ -162,7 +162,14 @@ def predict(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Texts per model call (similar lengths are batched together).")
     ] = 64,
-    threads: Annotated[int, typer.Option("--threads", min=0, help="Intra-op threads; 0: every core.")] = 0,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads",
+            min=0,
+            help="Intra-op threads; 0: TOOLKIT_THREADS, else the cores this process may use (affinity, CPU quota).",
+        ),
+    ] = 0,
 ) -> None:
     """Score a data file with the run's selected model; with the label column present, print the accuracy too."""
     from toolkit.prediction import predict_file

@@ -161,7 +161,9 @@ class SpeedConfig(Strict):
 
     enabled: bool = Field(True, description="Measure latency and throughput.")
     threads: int = Field(
-        0, ge=0, description="Intra-op threads; 0: TOOLKIT_THREADS, else every core this process may use."
+        0,
+        ge=0,
+        description="Intra-op threads; 0: TOOLKIT_THREADS, else the cores this process may use (its CPU affinity, lowered to its cgroup CPU quota).",
     )
     warmup: int = Field(
         10, ge=0, description="Untimed single-text calls first (then one untimed pass over the texts timed)."

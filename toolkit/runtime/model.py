@@ -249,7 +249,7 @@ def load_model(
     device: str | None = None,
     **options,
 ) -> InferenceModel:
-    """The model of a folder. `threads`: 0/None for TOOLKIT_THREADS or every core; `device`: a recipe's device
+    """The model of a folder. `threads`: 0/None for TOOLKIT_THREADS or the cores this process may use; `device`: a recipe's device
     (auto, cpu, cuda) or None for TOOLKIT_DEVICE; `options` for the format's class (ONNX: `spin`, `fuse_skip_layer_norm`)."""
     if fmt not in MODELS:
         raise ValueError(f"unknown model format {fmt!r}; known: {', '.join(MODELS)}")
