@@ -318,7 +318,8 @@ def where_files_run(manifest: Manifest, artifact: Artifact) -> str:
     js = f"transformers.js {TESTED_TRANSFORMERS_JS} in Node (toolkit's tests)"
     described = {
         "model.onnx": ("FP32", 'Optimum `ORTModelForSequenceClassification`, transformers.js (`dtype: "fp32"`), '
-                       "Text Embeddings Inference's ONNX backend, OpenVINO (`core.read_model`)", f"ONNX Runtime; {js}"),
+                       "Text Embeddings Inference's ONNX backend, OpenVINO (`core.read_model`)",
+                       f"ONNX Runtime; {js}; TEI's ONNX loading steps replayed in Python (toolkit's tests)"),
         "model_optimized.onnx": ("fused", "Optimum `ORTModelForSequenceClassification` (ONNX Runtime's fused "
                                  "operators, CPU and CUDA): not a file name transformers.js looks for", "ONNX Runtime"),
         "model_quantized.onnx": ("INT8", 'Optimum `ORTModelForSequenceClassification`, transformers.js (`dtype: "q8"`, '
