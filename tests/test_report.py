@@ -134,3 +134,23 @@ def test_report_says_how_the_selected_model_was_served(tmp_path):
     assert "- package FAILED: ServingParityError: serving parity: 3 of 2,040 test texts got another class..." in notes(
         manifest
     )
+
+
+def test_a_student_that_misses_the_budget_gets_its_curve_diagnosis(tmp_path):
+    from toolkit.report import selection_lines
+
+    curve = "still improving at the last epoch (+1.20 pts validation accuracy): more epochs, or more ..."
+    evaluation = {"split": "test", "n": 100, "accuracy": 0.8}
+    manifest = Manifest(tmp_path, {
+        "order": ["train", "distill"],
+        "stages": {"train": {"type": "train", "status": "done", "evaluation": evaluation, "info": {"curve": "x"}},
+                   "distill": {"type": "distill", "status": "done", "evaluation": evaluation, "info": {"curve": curve}}},
+        "selection": {"stage": "train", "reason": "best latency", "baseline": "train", "candidates": {
+            "distill": {"lost": "accuracy drop 3.00 pts (absolute) > max 1.5",
+                        "reasons": ["accuracy drop 3.00 pts (absolute) > max 1.5"]},
+            "train": {"lost": "", "reasons": []}}},
+    })  # fmt: skip
+    lines = selection_lines(manifest)
+    assert f"- distill not chosen: accuracy drop 3.00 pts (absolute) > max 1.5; its validation curve: {curve}" in lines
+    manifest.data["selection"]["candidates"]["distill"] = {"lost": "p50 9 ms > max 5 ms", "reasons": ["p50 9 ms"]}
+    assert not any("validation curve" in line for line in selection_lines(manifest))  # slow, not short of accuracy

@@ -53,3 +53,24 @@ def test_group_by_length_pads_less_and_still_sees_every_text_once(tiny_model):
     shuffled, shuffled_seen = epoch(False)
     assert grouped_seen == shuffled_seen == sorted(len(ids) for ids in encoded["input_ids"])
     assert grouped < shuffled / 3, (grouped, shuffled)
+
+
+def test_patience_stops_once_validation_stops_improving_and_keeps_the_best_epoch(toy_recipe, write_recipe):
+    toy_recipe["stages"][0].update(epochs=40, patience=2)
+    manifest = run_recipe(load_recipe(write_recipe(toy_recipe)))
+    info = manifest.stage("train")["info"]
+    scores = [row["accuracy"] for row in info["history"]]
+    assert info["stopped_early"] and info["epochs_run"] == len(scores) < 40
+    assert info["best_epoch"] == len(scores) - 2  # two epochs without a better score, then the stop
+    assert max(scores[-2:]) <= scores[info["best_epoch"] - 1] == max(scores)
+    assert manifest.stage("train")["evaluation"]["accuracy"] >= 0.9 and info["curve"]
+
+
+def test_curve_diagnosis_names_what_the_validation_curve_says():
+    from toolkit.training import diagnose
+
+    assert diagnose([0.70, 0.75, 0.78]).startswith("still improving at the last epoch (+3.00 pts")
+    assert diagnose([0.800, 0.801, 0.803]).startswith("flat from the first epoch")
+    assert diagnose([0.70, 0.80, 0.79, 0.78]).startswith("peaked at epoch 2 of 4")
+    assert diagnose([0.70, 0.75, 0.751]).startswith("levelling off")
+    assert diagnose([0.8]).startswith("one epoch")

@@ -105,6 +105,13 @@ def terminal_table(manifest: Manifest):
     return table
 
 
+def curve_note(manifest: Manifest, name: str, record: dict[str, Any]) -> str:
+    """For a trained model that missed the accuracy budget: what its own validation curve says (`fit`'s line)."""
+    curve = ((manifest.stage(name) or {}).get("info") or {}).get("curve")
+    missed = any(reason.startswith("accuracy drop") for reason in record.get("reasons") or [])
+    return f"; its validation curve: {curve}" if curve and missed else ""
+
+
 def selection_lines(manifest: Manifest) -> list[str]:
     selection = manifest.data.get("selection")
     if not selection:
@@ -114,7 +121,7 @@ def selection_lines(manifest: Manifest) -> list[str]:
         lines.append(f"- close call: {selection['close_call']}")
     for name, record in (selection.get("candidates") or {}).items():
         if record.get("lost"):
-            lines.append(f"- {name} not chosen: {record['lost']}")
+            lines.append(f"- {name} not chosen: {record['lost']}{curve_note(manifest, name, record)}")
     return lines + [f"- {line}" for line in serving_lines(manifest)]
 
 

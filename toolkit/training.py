@@ -163,6 +163,35 @@ def train_one_epoch(accelerator, model, dataloader, optimizer, scheduler, loss_f
     return total / max(count, 1)
 
 
+def diagnose(scores: list[float], metric: str = "accuracy") -> str:
+    """One line on what a validation curve (one score per epoch) says about the next run: still rising at the end
+    (more epochs or data), flat from the start (learning rate, layer mapping), or peaked earlier (the best epoch's
+    weights are kept; more data rather than more epochs)."""
+    if len(scores) < 2:
+        return f"one epoch, so no curve: validation {metric} {100 * scores[0]:.2f} %" if scores else "no epochs"
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+    rise, last_step = 100 * (max(scores) - scores[0]), 100 * (scores[-1] - scores[-2])
+    if rise < 0.5:
+        return (
+            f"flat from the first epoch (validation {metric} within {rise:.2f} pts of epoch 1): check the learning "
+            "rate and, for a student, its layer mapping"
+        )
+    if best == len(scores) - 1:
+        if last_step > 0.2:
+            return (
+                f"still improving at the last epoch (+{last_step:.2f} pts validation {metric}): more epochs, or "
+                "more (augmented) training texts"
+            )
+        return (
+            f"levelling off (+{last_step:.2f} pts validation {metric} in the last epoch, +{rise:.2f} over epoch 1): "
+            "more or augmented training texts rather than more epochs"
+        )
+    return (
+        f"peaked at epoch {best + 1} of {len(scores)} (+{rise:.2f} pts over epoch 1; that epoch's weights are kept): "
+        "more epochs will not help, more or augmented training texts may"
+    )
+
+
 def fit(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -183,7 +212,7 @@ def fit(
     optimizer, scheduler = make_optimizer(model, opts, steps)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
     history: list[dict[str, float]] = []
-    best = -1.0
+    best, since_best = -1.0, 0
     for epoch in range(opts.epochs):
         bar = tqdm(
             total=len(train_dl),
@@ -205,15 +234,26 @@ def fit(
             f"{desc} epoch {epoch + 1}: loss {loss:.4f}, validation accuracy {row['accuracy']:.4f}, "
             f"macro-F1 {row['macro_f1']:.4f}"
         )
+        since_best += 1
         if row[opts.metric_for_best] > best:
-            best = row[opts.metric_for_best]
+            best, since_best = row[opts.metric_for_best], 0
             # On every process: under FSDP this gathers the full weights from the shards (Accelerate's path).
             state_dict = accelerator.get_state_dict(model)
             if accelerator.is_main_process:
                 save(accelerator.unwrap_model(model), state_dict)
         accelerator.wait_for_everyone()
+        # Every process saw the same gathered metric, so all of them stop at the same epoch.
+        if opts.patience and since_best >= opts.patience and epoch + 1 < opts.epochs:
+            accelerator.print(
+                f"{desc}: no better validation {opts.metric_for_best} for {opts.patience} epoch(s); stopped after "
+                f"epoch {epoch + 1} of {opts.epochs}, keeping epoch {epoch + 1 - since_best}"
+            )
+            break
     return {
         "history": history,
+        "epochs_run": len(history),
+        "stopped_early": len(history) < opts.epochs,
+        "curve": diagnose([row[opts.metric_for_best] for row in history], opts.metric_for_best),
         "best_epoch": max(history, key=lambda r: r[opts.metric_for_best])["epoch"],
         f"best_validation_{opts.metric_for_best}": best,
         "num_processes": accelerator.num_processes,

@@ -74,6 +74,11 @@ class LoopOptions(BaseModel):
         description="Batches of texts of similar length (transformers' LengthGroupedSampler), so a batch pads "
         "less; the order of batches stays random.",
     )
+    patience: PositiveInt | None = Field(
+        None,
+        description="Early stopping: stop after this many epochs without a better validation `metric_for_best` "
+        "(the best epoch's weights are kept); `epochs` is then a ceiling. None: every epoch runs.",
+    )
 
 
 class TrainConfig(StageBase, LoopOptions):
