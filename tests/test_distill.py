@@ -144,6 +144,8 @@ def test_two_process_distillation_under_accelerate_launch(toy_recipe, write_reci
     assert distill["info"]["num_processes"] == 2
     assert manifest["stages"]["prune"]["info"]["recovery"]["num_processes"] == 2
     assert distill["evaluation"]["accuracy"] >= 0.8, distill["evaluation"]
+    # Every training text and its one noisy copy, once per epoch run, whichever process read it.
+    assert distill["info"]["texts_seen"] == manifest["data"]["counts"]["train"] * distill["info"]["epochs_run"] * 2
 
 
 def test_base_chinese_recipe_validates_offline(tmp_path):

@@ -39,6 +39,10 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
             "teacher_layers": teacher.config.num_hidden_layers,
             "student_layers": student.config.num_hidden_layers,
             "layer_map": layer_map,
+            # What the student learnt from: each training text once per epoch run, plus its noisy copies.
+            "texts_seen": len(setup.tokenized["train"])
+            * info["epochs_run"]
+            * (1 + (cfg.augment.copies if noise else 0)),
             "student_parameters": sum(p.numel() for p in student.parameters()),
             "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         }
