@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-# The versions this check ran against: the model card names them (the lead moves them into toolkit later).
-TESTED_TRANSFORMERS_5 = "5.25.0"
-TESTED_TRANSFORMERS_JS = "4.3.2"
+# The versions this check runs against live beside the model card that names them.
+from toolkit.hub import TESTED_TRANSFORMERS_5
+
 TORCH = "2.13.0"  # the local CPU wheel (pip's find-links); an unpinned torch would pull the CUDA build
 
 PINS = {"torch": TORCH, "transformers": TESTED_TRANSFORMERS_5}
@@ -131,18 +131,6 @@ def transformers_js_classes(pushed_dir: Path, texts: list[str], dtype: str) -> d
     return {**head, "labels": [r["label"] for r in rows], "scores": [r["scores"] for r in rows]}
 
 
-def chain(manifest, stage: str) -> list[tuple[str, dict]]:
-    """(stage, its manifest entry) from `stage` back through each recorded input, to the PyTorch model the
-    export read (the pushed repo's root) included."""
-    out = []
-    while (entry := manifest.stage(stage)) is not None:
-        out.append((stage, entry))
-        if (entry.get("output") or {}).get("format") == "pytorch":
-            break
-        stage = (entry.get("input") or {}).get("stage")
-    return out
-
-
 def toolkit_answers(run_dir: Path, texts: list[str], stage: str | None = None) -> dict:
     """What toolkit's runtime answers for the selected stage (or `stage`) and its chain: `stages` maps each of
     `selected`, `root` (the PyTorch ancestor, the repo root) and `export` (the FP32 graph, when the chain has
@@ -150,20 +138,22 @@ def toolkit_answers(run_dir: Path, texts: list[str], stage: str | None = None) -
     `truncated`: per text, whether it has more tokens than the run's max_length (special tokens included)."""
     from tokenizers import Tokenizer
 
-    from toolkit.manifest import Manifest
+    from toolkit.hub import lineage, pytorch_root
+    from toolkit.manifest import Artifact, Manifest
     from toolkit.runtime import load_model
 
     manifest = Manifest.load(Path(run_dir), writable=False)
     selected = stage or manifest.selection["stage"]
-    links = chain(manifest, selected)
-    exports = [name for name, entry in links if entry.get("type") == "export"]
-    stages = {"selected": selected, "root": links[-1][0]} | ({"export": exports[0]} if exports else {})
+    artifact = Artifact.from_json(manifest.stage(selected)["output"])
+    exports = [name for name, _ in lineage(manifest, artifact) if manifest.stage(name).get("type") == "export"]
+    root_stage = pytorch_root(manifest, artifact)
+    stages = {"selected": selected, "root": root_stage} | ({"export": exports[0]} if exports else {})
     max_length = manifest.data["recipe"]["model"]["max_length"]
     logits = {}
     for name in dict.fromkeys(stages.values()):
         output = manifest.stage(name)["output"]
         logits[name] = load_model(output["path"], output["format"], max_length, 1, "cpu").logits(texts)
-    root = Path(links[-1][1]["output"]["path"])
+    root = Path(manifest.stage(root_stage)["output"]["path"])
     config = json.loads((root / "config.json").read_text(encoding="utf-8"))
     labels = [name for _, name in sorted((int(k), v) for k, v in config["id2label"].items())]
     tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 from compat import (
     JS_DIR,
-    TESTED_TRANSFORMERS_5,
-    TESTED_TRANSFORMERS_JS,
     TEXTS,
     figures,
     table,
@@ -26,6 +24,7 @@ from conftest import build_tiny_model, toy_examples
 from typer.testing import CliRunner
 
 from toolkit.cli import app
+from toolkit.hub import TESTED_TRANSFORMERS_5, TESTED_TRANSFORMERS_JS
 from toolkit.manifest import Manifest
 from toolkit.pipeline import run_recipe
 from toolkit.recipe import load_recipe

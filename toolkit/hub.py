@@ -333,7 +333,13 @@ def where_files_run(manifest: Manifest, artifact: Artifact) -> str:
         rows.append(("`openvino/`", 'optimum-intel `OVModelForSequenceClassification` (`subfolder="openvino"`)',
                      "OpenVINO"))  # fmt: skip
     table = ["| File | Runs in | Checked with |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
-    return "\n".join([*table, "", *root_lines(manifest, artifact)])
+    cuts = [
+        "Texts longer than the run's max_length: transformers' `pipeline` cuts them only when asked "
+        "(`pipeline(..., truncation=True)`; the tokenizer's `model_max_length` is the run's max_length); "
+        "transformers.js always cuts, but after adding the special tokens, so a cut text loses its closing "
+        "separator token and scores slightly differently (same class on every text of toolkit's check)."
+    ]
+    return "\n".join([*table, "", *root_lines(manifest, artifact), "", *cuts])
 
 
 def root_lines(manifest: Manifest, artifact: Artifact) -> list[str]:
