@@ -154,3 +154,20 @@ def test_a_student_that_misses_the_budget_gets_its_curve_diagnosis(tmp_path):
     assert f"- distill not chosen: accuracy drop 3.00 pts (absolute) > max 1.5; its validation curve: {curve}" in lines
     manifest.data["selection"]["candidates"]["distill"] = {"lost": "p50 9 ms > max 5 ms", "reasons": ["p50 9 ms"]}
     assert not any("validation curve" in line for line in selection_lines(manifest))  # slow, not short of accuracy
+
+
+def test_training_curves_carry_the_teacher_line(tmp_path):
+    from toolkit import plots
+    from toolkit.report import teacher_line
+
+    history = [{"epoch": 1, "train_loss": 0.5, "accuracy": 0.81}, {"epoch": 2, "train_loss": 0.4, "accuracy": 0.84}]
+    student = [{"epoch": e, "train_loss": 1.0 / e, "accuracy": 0.7 + 0.03 * e} for e in (1, 2, 3)]
+    manifest = Manifest(tmp_path, {
+        "order": ["train", "distill"],
+        "stages": {"train": {"type": "train", "status": "done", "evaluation": {"accuracy": 0.83}, "output": {"format": "pytorch"},
+                             "info": {"history": history}},
+                   "distill": {"type": "distill", "status": "done", "info": {"history": student}}},
+    })  # fmt: skip
+    assert teacher_line(manifest) == ("train", 0.84)
+    png = plots.training_curves({"train": history, "distill": student}, tmp_path / "t.png", teacher_line(manifest))
+    assert png is not None and png.stat().st_size > 10_000

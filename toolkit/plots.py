@@ -100,8 +100,12 @@ def confusion(matrices: dict[str, np.ndarray], labels: list[str], path: Path) ->
     return _save(fig, path)
 
 
-def training_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> Path | None:
-    """Training loss and validation accuracy per epoch, one line per training stage."""
+def training_curves(
+    histories: dict[str, list[dict[str, float]]], path: Path, reference: tuple[str, float] | None = None
+) -> Path | None:
+    """Training loss and validation accuracy per epoch, one line per training stage; `reference` (a name and a
+    validation accuracy, the fine-tuned teacher's best) as a dashed line that the students' curves are read
+    against."""
     histories = {name: h for name, h in histories.items() if h}
     if not histories:
         return None
@@ -111,6 +115,8 @@ def training_curves(histories: dict[str, list[dict[str, float]]], path: Path) ->
         epochs = [row["epoch"] for row in history]
         loss_ax.plot(epochs, [row.get("train_loss") for row in history], marker="o", label=name)
         acc_ax.plot(epochs, [100 * row["accuracy"] for row in history], marker="o", label=name)
+    if reference is not None:
+        acc_ax.axhline(100 * reference[1], color="grey", linestyle="--", linewidth=1, label=f"{reference[0]} (best)")
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
     for ax in (loss_ax, acc_ax):

@@ -192,6 +192,13 @@ def plot(manifest: Manifest, path: Path) -> Path | None:
     return plots.accuracy_latency(stage_rows(manifest), budget_band(manifest), path)
 
 
+def teacher_line(manifest: Manifest) -> tuple[str, float] | None:
+    """The baseline (fine-tuned) model's best validation accuracy, the line a student's curve is read against."""
+    name = baseline_stage(manifest)
+    history = histories(manifest).get(name or "")
+    return (name, max(row["accuracy"] for row in history)) if history else None
+
+
 def histories(manifest: Manifest) -> dict[str, list[dict[str, float]]]:
     """Per-epoch training loss and validation figures that train, prune (recovery) and distill recorded."""
     found = {}
@@ -343,7 +350,7 @@ def figures(manifest: Manifest) -> dict[str, Path | None]:
         "confusion matrices": plots.confusion(
             confusion_matrices(manifest), labelled[1] if labelled else [], run_dir / "confusion.png"
         ),
-        "training curves": plots.training_curves(histories(manifest), run_dir / "training.png"),
+        "training curves": plots.training_curves(histories(manifest), run_dir / "training.png", teacher_line(manifest)),
     }
 
 
