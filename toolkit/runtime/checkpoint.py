@@ -30,9 +30,14 @@ def zero_filled_heads(config: Any) -> dict[int, list[int]]:
 def compact(model):
     """Slice the zero-filled heads of a model loaded from a uniform folder away (transformers 4.x's own head
     slicing, which records them in `config.pruned_heads` as a head-pruned model in memory has them)."""
+    import torch
+
     heads = zero_filled_heads(model.config)
     if heads:
-        model.prune_heads(heads)
+        # The sliced layers are new `nn.Linear`s whose random init would draw from the global generator: loading a
+        # model must not move the caller's seeded stream (dropout, shuffling), as `from_pretrained` does not.
+        with torch.random.fork_rng(devices=[]):
+            model.prune_heads(heads)
         delattr(model.config, PRUNED_HEADS_KEY)
     return model
 
