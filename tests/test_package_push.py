@@ -204,7 +204,8 @@ def test_onnx_selection_is_pushed_in_the_hub_layout_that_every_loader_reads(toy_
     assert [f"onnx/{n}" in where for n in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx")] == [
         f"onnx/{n}" in names for n in ("model.onnx", "model_optimized.onnx", "model_quantized.onnx")
     ]
-    assert 'transformers.js (`dtype: "q8"`' in where and "transformers 4.57" in where
+    assert ('transformers.js (`dtype: "q8"`' in where) == ("onnx/model_quantized.onnx" in names)
+    assert 'transformers.js (`dtype: "fp32"`' in where and "transformers 4.57" in where
     texts = ["the movie was good", "awful plot and it was dull", "a lovely story"]
     tokenizer = AutoTokenizer.from_pretrained(repo)
     batch = tokenizer(texts, padding=True, return_tensors="pt")
