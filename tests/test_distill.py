@@ -10,7 +10,7 @@ import pytest
 from conftest import launch_two_processes
 
 from toolkit.config import spaced_layers
-from toolkit.pipeline import run_recipe
+from toolkit.pipeline import StageError, run_recipe
 from toolkit.recipe import RecipeError, load_recipe
 
 
@@ -160,3 +160,97 @@ def test_base_chinese_recipe_validates_offline(tmp_path):
     data = prepare_data(recipe.data, tmp_path)
     assert data.label_names == ["negative", "positive"]
     assert set(data.labels("train")) == {0, 1} and "电影" in data.texts("train")[0]
+
+
+def unlabelled_file(path: Path, recipe: dict) -> tuple[Path, list[str]]:
+    """A JSONL corpus: new toy texts, plus a copy of every text the recipe's data file holds (train, validation
+    and test texts alike), a duplicate and a blank one."""
+    from conftest import toy_examples
+
+    labelled = [line.split("\t")[1] for line in Path(recipe["data"]["train"]).read_text().splitlines()[1:]]
+    fresh = [text for text, _ in toy_examples(400, seed=7) if text not in set(labelled)][:60]
+    rows = [*fresh, *labelled, fresh[0], " "]
+    path.write_text("".join(json.dumps({"review": t, "stars": 5}) + "\n" for t in rows), encoding="utf-8")
+    return path, fresh
+
+
+def test_unlabelled_texts_join_the_transfer_set_without_any_split_text(toy_recipe, write_recipe, tmp_path):
+    """Teacher-labelled extra texts: every text a split holds is left out (a test text would leak), duplicates
+    and blanks too; the hard-label loss skips them; the manifest says what was read, dropped and seen."""
+    corpus, fresh = unlabelled_file(tmp_path / "corpus.jsonl", toy_recipe)
+    unlabelled = {"path": corpus.name, "text_column": "review"}
+    toy_recipe["stages"].append(
+        distill_stage(student={"num_layers": 1}, hard_label_weight=0.5, epochs=2, unlabelled=unlabelled)
+    )
+    manifest = run_recipe(load_recipe(write_recipe(toy_recipe)))
+    entry = manifest.stage("distill")
+    assert entry["status"] == "done", entry.get("error")
+    info = entry["info"]
+    counts = {k: v for k, v in info["unlabelled"].items() if k != "path"}
+    assert counts == {
+        "read": 240 + len(fresh) + 2,
+        "empty": 1,
+        "duplicates": 1,
+        "in_train": 240 - 36 - 60,
+        "in_validation": 36,
+        "in_test": 60,
+        "used": len(fresh),
+    }, counts
+    assert info["transfer_set"] == {"labelled": 144, "unlabelled": len(fresh)}
+    assert info["texts_seen"] == (144 + len(fresh)) * info["epochs_run"]
+
+
+def test_unlabelled_max_texts_draws_a_seeded_sample_and_the_file_is_fingerprinted(toy_recipe, write_recipe, tmp_path):
+    from toolkit.data import PreparedData, Row, unseen_texts
+
+    data = PreparedData(tmp_path / "none", ["negative", "positive"], "")
+    data.texts = lambda split: {"train": ["a b"], "validation": [" c d "], "test": ["e f"]}[split]
+    rows = [Row(f"f:{i}", t, None) for i, t in enumerate(["c d", "a b", "x1", "x2", "x3", "x4", "e f", "x5"])]
+    first, counts = unseen_texts(data, iter(rows), "text", 3, seed=0)
+    again, _ = unseen_texts(data, iter(rows), "text", 3, seed=0)
+    assert first == again and len(first) == 3 and set(first) < {"x1", "x2", "x3", "x4", "x5"}
+    assert first == sorted(first)  # kept in file order
+    assert counts["used"] == 3 and counts["in_validation"] == counts["in_train"] == counts["in_test"] == 1
+
+    corpus, _ = unlabelled_file(tmp_path / "corpus.jsonl", toy_recipe)
+    toy_recipe["stages"].append(
+        distill_stage(student={"num_layers": 1}, epochs=1, unlabelled={"path": corpus.name, "text_column": "review"})
+    )
+    recipe = write_recipe(toy_recipe)
+    run_recipe(load_recipe(recipe))
+    with corpus.open("a", encoding="utf-8") as stream:
+        stream.write(json.dumps({"review": "a brand new text"}) + "\n")
+    manifest = run_recipe(load_recipe(recipe))
+    assert manifest.stage("train")["status"] == "done"
+    assert manifest.stage("distill")["info"]["unlabelled"]["used"] == 61  # re-ran on the edited file
+
+
+@pytest.mark.parametrize(
+    ("unlabelled", "message"),
+    [
+        ({"path": "missing.txt"}, "unlabelled.path: 'missing.txt' not found"),
+        ({"path": "corpus.dat"}, "cannot tell the format"),
+        ({"path": "corpus.dat", "format": "xml"}, "format: Input should be 'auto', 'text', 'tsv', 'csv' or 'jsonl'"),
+    ],
+)
+def test_bad_unlabelled_options_rejected_at_validation(toy_recipe, write_recipe, tmp_path, unlabelled, message):
+    (tmp_path / "corpus.dat").write_text("one text\n")
+    toy_recipe["stages"].append({"type": "distill", "student": {"num_layers": 1}, "unlabelled": unlabelled})
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(toy_recipe))
+    assert message in str(err.value), str(err.value)
+
+
+def test_unlabelled_texts_need_a_teacher_loss_and_a_named_column(toy_recipe, write_recipe, tmp_path):
+    (tmp_path / "corpus.txt").write_text("one text\n")
+    stage = {"type": "distill", "student": {"num_layers": 1}, "kd_weight": 0, "hard_label_weight": 1.0}
+    toy_recipe["stages"].append({**stage, "unlabelled": {"path": "corpus.txt"}})
+    with pytest.raises(RecipeError, match="every teacher loss weight is 0; set kd_weight"):
+        load_recipe(write_recipe(toy_recipe))
+
+    corpus, _ = unlabelled_file(tmp_path / "corpus.jsonl", toy_recipe)
+    toy_recipe["stages"][-1] = distill_stage(student={"num_layers": 1}, epochs=1, unlabelled={"path": corpus.name})
+    with pytest.raises(StageError) as failed:
+        run_recipe(load_recipe(write_recipe(toy_recipe)))
+    error = str(failed.value)
+    assert f"{corpus}:1: no key 'text'" in error and "set distill.unlabelled.text_column" in error, error

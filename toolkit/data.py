@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from toolkit.errors import ToolkitError
+from toolkit.sources import file_sha256
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -119,9 +120,12 @@ def _text_lines(path: Path, encoding: str = "utf-8", keepends: bool = False) -> 
     yield number, carry if keepends else carry.removesuffix("\r")
 
 
-def _column_index(path: Path, header: list[str], column: str, key: str) -> int:
+def _column_index(path: Path, header: list[str], column: str, key: str, owner: str = "data") -> int:
+    """`owner`: the recipe key whose `key` option names the column, for the error message."""
     if column not in header:
-        raise DataError(f"{path}:1: no column {column!r} in the header (columns: {', '.join(header)}); set data.{key}")
+        raise DataError(
+            f"{path}:1: no column {column!r} in the header (columns: {', '.join(header)}); set {owner}.{key}"
+        )
     return header.index(column)
 
 
@@ -137,12 +141,17 @@ def _pick(fields: list[str], index: int | None) -> str | None:
 
 
 def read_tsv(
-    path: Path, text_column: str, label_column: str, encoding: str = "utf-8", label_optional: bool = False
+    path: Path,
+    text_column: str,
+    label_column: str,
+    encoding: str = "utf-8",
+    label_optional: bool = False,
+    owner: str = "data",
 ) -> Iterator[Row]:
     lines = _text_lines(path, encoding)
     _, first = next(lines, (1, ""))
     header = first.split("\t")
-    t = _column_index(path, header, text_column, "text_column")
+    t = _column_index(path, header, text_column, "text_column", owner)
     lab = _label_index(path, header, label_column, label_optional)
     for number, line in lines:
         if not line.strip():
@@ -157,11 +166,16 @@ def read_tsv(
 
 
 def read_csv(
-    path: Path, text_column: str, label_column: str, encoding: str = "utf-8", label_optional: bool = False
+    path: Path,
+    text_column: str,
+    label_column: str,
+    encoding: str = "utf-8",
+    label_optional: bool = False,
+    owner: str = "data",
 ) -> Iterator[Row]:
     reader = csv.reader(line for _, line in _text_lines(path, encoding, keepends=True))
     header = next(reader, [])
-    t = _column_index(path, header, text_column, "text_column")
+    t = _column_index(path, header, text_column, "text_column", owner)
     lab = _label_index(path, header, label_column, label_optional)
     start = reader.line_num + 1
     try:
@@ -180,7 +194,12 @@ def read_csv(
 
 
 def read_jsonl(
-    path: Path, text_column: str, label_column: str, encoding: str = "utf-8", label_optional: bool = False
+    path: Path,
+    text_column: str,
+    label_column: str,
+    encoding: str = "utf-8",
+    label_optional: bool = False,
+    owner: str = "data",
 ) -> Iterator[Row]:
     for number, line in _text_lines(path, encoding):
         if not line.strip():
@@ -193,11 +212,23 @@ def read_jsonl(
             raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
         for column, key in ((text_column, "text_column"), (label_column, "label_column")):
             if column not in record and not (label_optional and key == "label_column"):
-                raise DataError(f"{path}:{number}: no key {column!r} (keys: {', '.join(record)}); set data.{key}")
+                where = owner if key == "text_column" else "data"
+                raise DataError(f"{path}:{number}: no key {column!r} (keys: {', '.join(record)}); set {where}.{key}")
         yield Row(f"{path}:{number}", record[text_column], record.get(label_column))
 
 
 READERS = {"tsv": read_tsv, "csv": read_csv, "jsonl": read_jsonl}
+
+
+def read_texts(path: Path, fmt: str, text_column: str, owner: str) -> Iterator[Row]:
+    """Texts without labels: `text` is one text per line (blank lines skipped); tsv/csv/jsonl read `text_column`
+    and ignore any other column. `owner` is the recipe key that names the file, for error messages."""
+    if fmt == "text":
+        for number, line in _text_lines(path):
+            if line.strip():
+                yield Row(f"{path}:{number}", line, None)
+        return
+    yield from READERS[fmt](path, text_column, "", label_optional=True, owner=owner)
 
 
 def dataset_split(cfg: DataConfig, split: str) -> tuple[Iterator[Row], list[str] | None]:
@@ -485,11 +516,7 @@ def _file_digest(path: Path, known: dict) -> dict:
     previous = known.get(record["path"], {})
     if "sha256" in previous and all(previous.get(k) == v for k, v in record.items()):
         return previous
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return {**record, "sha256": digest.hexdigest()}
+    return {**record, "sha256": file_sha256(path, CHUNK_BYTES)}
 
 
 def data_fingerprint(cfg: DataConfig, known: dict | None = None) -> tuple[str, dict]:
@@ -549,6 +576,39 @@ class PreparedData:
         return dsd.map(encode, batched=True, remove_columns=["text"], desc="Tokenising").rename_column(
             "label", "labels"
         )
+
+
+def unseen_texts(
+    data: PreparedData, rows: Iterator[Row], column: str, limit: int | None, seed: int
+) -> tuple[list[str], dict[str, int]]:
+    """The texts of `rows` that none of the run's splits holds, each once (compared as the splits are deduped,
+    stripped): a validation or test text here would leak into training and flatter the scores, a training text
+    is already there with its label. Blank texts are skipped. At most `limit`, drawn at random with `seed`, in file
+    order; with counts."""
+    known = {split: {_text_key(t) for t in data.texts(split)} for split in SPLITS}
+    counts = dict.fromkeys(["read", "empty", "duplicates", *(f"in_{s}" for s in SPLITS)], 0)
+    seen: set[int] = set()
+    texts = []
+    for row in rows:
+        counts["read"] += 1
+        if isinstance(row.text, str) and not row.text.strip():
+            counts["empty"] += 1  # a scraped corpus has blank cells; nothing to learn from them
+            continue
+        text = check_text(row, column)
+        key = _text_key(text)
+        split = next((s for s in SPLITS if key in known[s]), None)
+        if key in seen:
+            counts["duplicates"] += 1
+        elif split is not None:
+            counts[f"in_{split}"] += 1
+        else:
+            texts.append(text)
+        seen.add(key)
+    if limit is not None and limit < len(texts):
+        keep = np.sort(np.random.default_rng(seed).choice(len(texts), size=limit, replace=False))
+        texts = [texts[i] for i in keep]
+    counts["used"] = len(texts)
+    return texts, counts
 
 
 def prepare_data(cfg: DataConfig, run_dir: Path) -> PreparedData:

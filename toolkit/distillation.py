@@ -15,6 +15,26 @@ from torch import nn
 from toolkit.config import AugmentConfig, DistillConfig, layer_period, spaced_layers, student_layers
 from toolkit.runtime.checkpoint import load_classifier
 
+# The label of an unlabelled text in the transfer set: cross-entropy's ignore_index.
+UNLABELLED = -100
+
+
+def transfer_set(tokenized, tokenizer, texts: list[str], max_length: int):
+    """The training split plus `texts`, tokenised the same way, with the label UNLABELLED."""
+    from datasets import Dataset, Value, concatenate_datasets
+
+    if not texts:
+        return tokenized["train"]
+    train = tokenized["train"].cast_column("labels", Value("int64"))
+    extra = Dataset.from_dict({"text": texts}).map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=["text"],
+        desc="Tokenising unlabelled texts",
+    )
+    extra = extra.add_column("labels", [UNLABELLED] * len(extra)).cast(train.features)
+    return concatenate_datasets([train, extra])
+
 
 def _attn(cfg: DistillConfig) -> dict[str, str]:
     # Attention maps are only returned by the eager implementation.
@@ -150,9 +170,12 @@ class Distiller(torch.nn.Module):
         loss = out_s.logits.new_zeros(())
         if cfg.kd_weight:
             loss = loss + cfg.kd_weight * losses.kd_ce_loss(out_s.logits, out_t.logits, self.temperature())
-        if cfg.hard_label_weight:  # the real texts only: a noisy copy's label may have changed
-            labels = batch["labels"]
-            loss = loss + cfg.hard_label_weight * nn.functional.cross_entropy(out_s.logits[: len(labels)], labels)
+        if cfg.hard_label_weight:  # labelled texts only: not a noisy copy (its label may have changed), nor an
+            labels = batch["labels"]  # unlabelled text (label -100)
+            if (labels >= 0).any():
+                loss = loss + cfg.hard_label_weight * nn.functional.cross_entropy(
+                    out_s.logits[: len(labels)], labels, ignore_index=UNLABELLED
+                )
         return loss + self.layer_losses(out_s, out_t, inputs.get("attention_mask"))
 
     def layer_losses(self, out_s, out_t, mask) -> torch.Tensor:

@@ -7,6 +7,7 @@ like `org/name` is a Hugging Face Hub id, loaded with the normal `from_pretraine
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
 from pathlib import Path
@@ -62,3 +63,12 @@ def resolve_model(value: str, base_dir: Path) -> str:
             "nor a Hub id like `org/name`"
         )
     return value
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """A file's SHA-256, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
 
-from toolkit.sources import PRUNED_HEADS_KEY, SourceError, resolve_model
+from toolkit.sources import PRUNED_HEADS_KEY, SourceError, resolve_local, resolve_model
 
 # A Hub repository id, `user/name`.
 REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -29,6 +29,17 @@ def model_reference(value: str, info: ValidationInfo) -> str:
         return resolve_model(value, base_dir(info))
     except SourceError as exc:
         raise ValueError(str(exc)) from None
+
+
+def existing_file(value: str, base: Path, key: str) -> Path:
+    """A path relative to the recipe folder, or a `package:` file; a ValueError naming `key` when neither exists."""
+    try:
+        path = resolve_local(value, base)
+    except SourceError as exc:
+        raise ValueError(str(exc)) from None
+    if path is None:
+        raise ValueError(f"{key}: {value!r} not found (relative to the recipe folder {base})")
+    return path
 
 
 def local_model_shape(name: str) -> dict[str, Any] | None:

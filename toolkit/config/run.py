@@ -14,12 +14,13 @@ from toolkit.config.common import (
     Strict,
     base_dir,
     check_max_length,
+    existing_file,
     local_model_shape,
     local_tokenizer_config,
     model_reference,
 )
 from toolkit.config.stages import StageConfig
-from toolkit.sources import SourceError, resolve_local
+from toolkit.sources import resolve_local
 
 SplitName = Literal["train", "validation", "test"]
 FILE_FORMATS = ("tsv", "csv", "jsonl")
@@ -104,11 +105,11 @@ class DataConfig(Strict):
             for split in ("train", "validation", "test"):
                 value = getattr(self, split)
                 if value is not None:
-                    setattr(self, split, str(_existing_file(value, base, f"data.{split}")))
+                    setattr(self, split, str(existing_file(value, base, f"data.{split}")))
         elif fmt == "disk":
             if self.path is None:
                 raise ValueError("format disk needs `path`: a folder written by datasets.save_to_disk")
-            self.path = str(_existing_file(self.path, base, "data.path"))
+            self.path = str(existing_file(self.path, base, "data.path"))
         elif self.path is None:
             raise ValueError("format hub needs `path`: a Hub dataset id such as `stanfordnlp/sst2`")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
@@ -124,16 +125,6 @@ def _guess_format(path: str | None, train: str, base: Path) -> str:
         if name.endswith(suffix):
             return fmt
     raise ValueError(f"cannot tell the format of {train!r}; set `format` to one of tsv, csv, jsonl, disk, hub")
-
-
-def _existing_file(value: str, base: Path, key: str) -> Path:
-    try:
-        path = resolve_local(value, base)
-    except SourceError as exc:
-        raise ValueError(str(exc)) from None
-    if path is None:
-        raise ValueError(f"{key}: {value!r} not found (relative to the recipe folder {base})")
-    return path
 
 
 class ModelConfig(Strict):

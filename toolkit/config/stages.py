@@ -10,7 +10,15 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
-from toolkit.config.common import REPO_ID, ParityGate, Strict, base_dir, local_model_shape, model_reference
+from toolkit.config.common import (
+    REPO_ID,
+    ParityGate,
+    Strict,
+    base_dir,
+    existing_file,
+    local_model_shape,
+    model_reference,
+)
 
 
 class StageBase(Strict):
@@ -45,6 +53,11 @@ class StageBase(Strict):
     def check_tokenizer(self, tokenizer: dict[str, Any] | None) -> None:
         """Check this stage's options against the model's `tokenizer_config.json` (None when unknown, e.g. a Hub
         model); raise ValueError for options it rules out. Most stages work with any tokenizer."""
+
+    def input_files(self) -> list[str]:
+        """Files the stage reads besides its model and the run's data: their bytes are part of its fingerprint,
+        so an edited file re-runs the stage."""
+        return []
 
 
 class LoopOptions(BaseModel):
@@ -209,6 +222,39 @@ class AugmentConfig(Strict):
     min_span: float = Field(0.3, gt=0, le=1, description="Shortest span a crop keeps, as a share of the word pieces.")
 
 
+TEXT_FORMATS = {".txt": "text", ".text": "text", ".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+class UnlabelledConfig(Strict):
+    """In-domain texts without labels that the teacher labels for the student (Tang et al. 2019; TinyBERT): more
+    teacher outputs to learn from than the labelled training split holds. Texts that any of the run's splits
+    holds are left out (a validation or test text would leak), so a file that also holds those is safe."""
+
+    path: str = Field(description="The file: a path relative to the recipe, or `package:NAME/file`; .bz2/.gz/.xz ok.")
+    format: Literal["auto", "text", "tsv", "csv", "jsonl"] = Field(
+        "auto", description="text: one text per line; tsv/csv/jsonl: the `text_column`. auto: from the file name."
+    )
+    text_column: str = Field("text", description="Column (tsv/csv) or key (jsonl) holding the text; labels ignored.")
+    max_texts: PositiveInt | None = Field(
+        None, description="Use at most this many (drawn at random with the stage's seed); None: all of them."
+    )
+
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo) -> UnlabelledConfig:
+        self.path = str(existing_file(self.path, base_dir(info), "unlabelled.path"))
+        if self.format == "auto":
+            name = self.path.lower()
+            for packed in (".bz2", ".gz", ".xz"):
+                name = name.removesuffix(packed)
+            found = next((fmt for suffix, fmt in TEXT_FORMATS.items() if name.endswith(suffix)), None)
+            if found is None:
+                raise ValueError(
+                    f"unlabelled: cannot tell the format of {self.path!r}; set format to text, tsv, csv or jsonl"
+                )
+            self.format = found
+        return self
+
+
 def spaced_layers(teacher_layers: int, student_layers: int) -> list[int]:
     """Evenly spaced teacher layers ending at the last one: 6 -> 3 gives [1, 3, 5] (TinyBERT's mapping)."""
     return [round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
@@ -309,6 +355,11 @@ class DistillConfig(StageBase, LoopOptions):
     augment: AugmentConfig | None = Field(
         None, description="Noisy copies of the training texts, labelled by the teacher; off when absent."
     )
+    unlabelled: UnlabelledConfig | None = Field(
+        None,
+        description="Unlabelled in-domain texts added to the training split for this stage, labelled by the "
+        "teacher only (the hard-label loss skips them); off when absent.",
+    )
 
     @field_validator("layer_map")
     @classmethod
@@ -321,10 +372,17 @@ class DistillConfig(StageBase, LoopOptions):
     def _check(self):
         if self.kd_weight + self.hard_label_weight + self.hidden_mse_weight + self.attention_mse_weight == 0:
             raise ValueError("every loss weight is 0; set kd_weight and/or hard_label_weight")
+        if self.unlabelled is not None and self.kd_weight + self.hidden_mse_weight + self.attention_mse_weight == 0:
+            raise ValueError(
+                "unlabelled texts are learnt from the teacher only, and every teacher loss weight is 0; set kd_weight"
+            )
         layers = self.student.layers or ([0] * self.student.num_layers if self.student.num_layers else None)
         if self.layer_map is not None and layers is not None and len(self.layer_map) != len(layers):
             raise ValueError(f"layer_map has {len(self.layer_map)} entries for a {len(layers)}-layer student")
         return self
+
+    def input_files(self) -> list[str]:
+        return [self.unlabelled.path] if self.unlabelled else []
 
     def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
         if self.student.model is not None:
@@ -600,12 +658,10 @@ class TrimVocabConfig(StageBase):
     @field_validator("extra_corpus")
     @classmethod
     def _existing(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:
-            return None
-        path = (base_dir(info) / value).resolve()
-        if not path.is_file():
-            raise ValueError(f"extra_corpus: {value!r} not found (relative to the recipe folder {base_dir(info)})")
-        return str(path)
+        return None if value is None else str(existing_file(value, base_dir(info), "extra_corpus"))
+
+    def input_files(self) -> list[str]:
+        return [self.extra_corpus] if self.extra_corpus else []
 
     def check_shape(self, shape: dict[str, Any] | None) -> dict[str, Any] | None:
         if shape and "vocab_size" in shape:

@@ -8,10 +8,12 @@ everything after it, and nothing before.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from toolkit.config import Recipe, StageBase
 from toolkit.errors import ToolkitError
 from toolkit.manifest import Artifact, fingerprint
+from toolkit.sources import file_sha256
 
 
 class PlanError(ToolkitError, ValueError):
@@ -50,7 +52,8 @@ def pretrained_artifact(recipe: Recipe, data_fingerprint: str) -> tuple[Artifact
 
 def stage_fingerprint(cfg: StageBase, upstream: str) -> str:
     # Gate tolerances are judged after evaluation; changing them re-judges without re-running the stage.
-    return fingerprint(cfg.model_dump(exclude={"name", "enabled", "parity"}), upstream)
+    files = [file_sha256(Path(path)) for path in cfg.input_files()]
+    return fingerprint(cfg.model_dump(exclude={"name", "enabled", "parity"}), upstream, *files)
 
 
 def next_upstream(stage_fp: str, finished: str | None) -> str:

@@ -4,12 +4,16 @@ project's Accelerate loop (`toolkit.training.fit`). The torch side (teacher, stu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from toolkit.config import DistillConfig
 from toolkit.stages.base import Artifact, StageContext, StageResult
 
 
 def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
-    from toolkit.distillation import Distiller, NoiseSource, build_student, load_teacher
+    from datasets import DatasetDict
+
+    from toolkit.distillation import Distiller, NoiseSource, build_student, load_teacher, transfer_set
     from toolkit.training import fit, make_dataloaders, save_pretrained, start
 
     teacher_path = teacher_artifact(cfg, ctx).path
@@ -17,7 +21,10 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
     accelerator, tokenizer = setup.accelerator, setup.tokenizer
     teacher = load_teacher(teacher_path, cfg)
     student, layer_map = build_student(cfg, ctx.source.path, teacher, tokenizer)
-    train_dl, eval_dl = make_dataloaders(setup.tokenized, tokenizer, cfg)
+    texts, unlabelled = unlabelled_texts(cfg, ctx)
+    train = transfer_set(setup.tokenized, tokenizer, texts, ctx.max_length)
+    tokenized = DatasetDict({**setup.tokenized, "train": train})
+    train_dl, eval_dl = make_dataloaders(tokenized, tokenizer, cfg)
     steps = -(-len(train_dl) // accelerator.num_processes) * cfg.epochs
     noise = NoiseSource(cfg.augment, tokenizer, cfg.seed + accelerator.process_index) if cfg.augment else None
     wrapper = Distiller(cfg, student, teacher, layer_map, steps, noise)
@@ -39,15 +46,28 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
             "teacher_layers": teacher.config.num_hidden_layers,
             "student_layers": student.config.num_hidden_layers,
             "layer_map": layer_map,
-            # What the student learnt from: each training text once per epoch run, plus its noisy copies.
-            "texts_seen": len(setup.tokenized["train"])
-            * info["epochs_run"]
-            * (1 + (cfg.augment.copies if noise else 0)),
+            # What the student learnt from: each training (and unlabelled) text once per epoch run, plus its
+            # noisy copies.
+            "texts_seen": len(train) * info["epochs_run"] * (1 + (cfg.augment.copies if noise else 0)),
+            "transfer_set": {"labelled": len(setup.tokenized["train"]), "unlabelled": len(texts)},
+            **({"unlabelled": unlabelled} if cfg.unlabelled else {}),
             "student_parameters": sum(p.numel() for p in student.parameters()),
             "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
         }
     )
     return StageResult(Artifact(ctx.out_dir, "pytorch", cfg.name), info)
+
+
+def unlabelled_texts(cfg: DistillConfig, ctx: StageContext) -> tuple[list[str], dict]:
+    """The recipe's unlabelled texts that no split holds (at most `max_texts`), and what was read and left out."""
+    from toolkit.data import read_texts, unseen_texts
+
+    extra = cfg.unlabelled
+    if extra is None:
+        return [], {}
+    rows = read_texts(Path(extra.path), extra.format, extra.text_column, owner=f"{cfg.name}.unlabelled")
+    texts, counts = unseen_texts(ctx.data, rows, extra.text_column, extra.max_texts, cfg.seed)
+    return texts, {"path": extra.path, **counts}
 
 
 def teacher_artifact(cfg: DistillConfig, ctx: StageContext) -> Artifact:
