@@ -71,6 +71,7 @@ def test_curve_diagnosis_names_what_the_validation_curve_says():
 
     assert diagnose([0.70, 0.75, 0.78]).startswith("still improving at the last epoch (+3.00 pts")
     assert diagnose([0.800, 0.801, 0.803]).startswith("flat from the first epoch")
+    assert diagnose([0.80, 0.79, 0.78]).startswith("best at epoch 1, then up to 2.00 pts lower")
     assert diagnose([0.70, 0.80, 0.79, 0.78]).startswith("peaked at epoch 2 of 4")
     assert diagnose([0.70, 0.75, 0.751]).startswith("levelling off")
     assert diagnose([0.8]).startswith("one epoch")

@@ -165,12 +165,18 @@ def train_one_epoch(accelerator, model, dataloader, optimizer, scheduler, loss_f
 
 def diagnose(scores: list[float], metric: str = "accuracy") -> str:
     """One line on what a validation curve (one score per epoch) says about the next run: still rising at the end
-    (more epochs or data), flat from the start (learning rate, layer mapping), or peaked earlier (the best epoch's
-    weights are kept; more data rather than more epochs)."""
+    (more epochs or data), flat from the start (learning rate, layer mapping), falling from the first epoch
+    (overfitting), or peaked earlier (the best epoch's weights are kept; more data rather than more epochs)."""
     if len(scores) < 2:
         return f"one epoch, so no curve: validation {metric} {100 * scores[0]:.2f} %" if scores else "no epochs"
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     rise, last_step = 100 * (max(scores) - scores[0]), 100 * (scores[-1] - scores[-2])
+    fall = 100 * (scores[0] - min(scores))
+    if rise < 0.5 and fall >= 0.5:
+        return (
+            f"best at epoch 1, then up to {fall:.2f} pts lower (validation {metric}; epoch 1's weights are kept): "
+            "it overfits the texts it sees; more (augmented or unlabelled) texts or a lower learning rate"
+        )
     if rise < 0.5:
         return (
             f"flat from the first epoch (validation {metric} within {rise:.2f} pts of epoch 1): check the learning "
