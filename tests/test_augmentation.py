@@ -60,3 +60,10 @@ def test_copies_are_seeded():
 def test_bad_augment_options_rejected(bad):
     with pytest.raises(ValueError):
         AugmentConfig(**bad)
+
+
+def test_auto_copies_scale_with_the_transfer_set():
+    """About 20,000 texts an epoch: the full recipe's 9,692 texts get 1 copy, 2,500 get 7, a tiny set 8."""
+    auto = AugmentConfig(copies="auto")
+    assert [auto.resolved_copies(n) for n in (100, 2_500, 6_000, 9_692, 50_000)] == [8, 7, 2, 1, 1]
+    assert AugmentConfig(copies=3).resolved_copies(100) == 3

@@ -119,6 +119,7 @@ def untrained_accuracy(folder: Path, data_dir: Path) -> float:
             {"student": {"num_layers": 1}, "augment": {"copies": 1, "noise": 0.1}},
             "augment.noise: unknown key; allowed keys: copies",
         ),
+        ({"student": {"num_layers": 1}, "augment": {"copies": 9}}, "augment.copies"),
     ],
 )
 def test_bad_distill_options_rejected_at_validation(toy_recipe, write_recipe, options, message):
@@ -180,7 +181,13 @@ def test_unlabelled_texts_join_the_transfer_set_without_any_split_text(toy_recip
     corpus, fresh = unlabelled_file(tmp_path / "corpus.jsonl", toy_recipe)
     unlabelled = {"path": corpus.name, "text_column": "review"}
     toy_recipe["stages"].append(
-        distill_stage(student={"num_layers": 1}, hard_label_weight=0.5, epochs=2, unlabelled=unlabelled)
+        distill_stage(
+            student={"num_layers": 1},
+            hard_label_weight=0.5,
+            epochs=2,
+            unlabelled=unlabelled,
+            augment={"copies": "auto"},
+        )
     )
     manifest = run_recipe(load_recipe(write_recipe(toy_recipe)))
     entry = manifest.stage("distill")
@@ -197,7 +204,9 @@ def test_unlabelled_texts_join_the_transfer_set_without_any_split_text(toy_recip
         "used": len(fresh),
     }, counts
     assert info["transfer_set"] == {"labelled": 144, "unlabelled": len(fresh)}
-    assert info["texts_seen"] == (144 + len(fresh)) * info["epochs_run"]
+    # copies: auto on 204 texts: round(20,000 / 204) - 1 = 97 copies, capped at 8.
+    assert info["augment_copies"] == 8
+    assert info["texts_seen"] == (144 + len(fresh)) * info["epochs_run"] * 9
 
 
 def test_unlabelled_max_texts_draws_a_seeded_sample_and_the_file_is_fingerprinted(toy_recipe, write_recipe, tmp_path):

@@ -26,7 +26,9 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
     tokenized = DatasetDict({**setup.tokenized, "train": train})
     train_dl, eval_dl = make_dataloaders(tokenized, tokenizer, cfg)
     steps = -(-len(train_dl) // accelerator.num_processes) * cfg.epochs
-    noise = NoiseSource(cfg.augment, tokenizer, cfg.seed + accelerator.process_index) if cfg.augment else None
+    copies = cfg.augment.resolved_copies(len(train)) if cfg.augment else 0
+    augment = cfg.augment.model_copy(update={"copies": copies}) if cfg.augment else None
+    noise = NoiseSource(augment, tokenizer, cfg.seed + accelerator.process_index) if augment else None
     wrapper = Distiller(cfg, student, teacher, layer_map, steps, noise)
     info = fit(
         accelerator,
@@ -48,7 +50,8 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
             "layer_map": layer_map,
             # What the student learnt from: each training (and unlabelled) text once per epoch run, plus its
             # noisy copies.
-            "texts_seen": len(train) * info["epochs_run"] * (1 + (cfg.augment.copies if noise else 0)),
+            "texts_seen": len(train) * info["epochs_run"] * (1 + copies),
+            "augment_copies": copies,
             "transfer_set": {"labelled": len(setup.tokenized["train"]), "unlabelled": len(texts)},
             **({"unlabelled": unlabelled} if cfg.unlabelled else {}),
             "student_parameters": sum(p.numel() for p in student.parameters()),
