@@ -231,7 +231,9 @@ def test_unlabelled_max_texts_draws_a_seeded_sample_and_the_file_is_fingerprinte
         stream.write(json.dumps({"review": "a brand new text"}) + "\n")
     manifest = run_recipe(load_recipe(recipe))
     assert manifest.stage("train")["status"] == "done"
-    assert manifest.stage("distill")["info"]["unlabelled"]["used"] == 61  # re-ran on the edited file
+    info = manifest.stage("distill")["info"]
+    assert info["unlabelled"]["used"] == 61  # re-ran on the edited file
+    assert info["teacher_cache"]["cached"] and info["teacher_cache"]["texts"] == 144 + 61
 
 
 @pytest.mark.parametrize(
@@ -263,3 +265,47 @@ def test_unlabelled_texts_need_a_teacher_loss_and_a_named_column(toy_recipe, wri
         run_recipe(load_recipe(write_recipe(toy_recipe)))
     error = str(failed.value)
     assert f"{corpus}:1: no key 'text'" in error and "set distill.unlabelled.text_column" in error, error
+
+
+def test_cached_teacher_outputs_are_the_live_ones_for_any_batch(tiny_model):
+    """The cache is filled in length-sorted batches of its own; a training batch (other rows, other padding)
+    must get what the teacher computes live for it: logits to float rounding, hidden states to FP16."""
+    import torch
+    from conftest import toy_examples
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from toolkit.config import DistillConfig
+    from toolkit.distillation import TeacherCache, load_teacher, teacher_cache
+    from toolkit.training import make_dataloaders
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [text for text, _ in toy_examples(40)]
+    texts = [" ".join([t] * (1 + i % 3)) for i, t in enumerate(texts)]  # lengths 7 to 21 tokens
+    encoded = Dataset.from_dict({"text": texts, "labels": [i % 2 for i in range(40)]}).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True, remove_columns=["text"]
+    )
+    split = {"train": encoded.add_column("row", range(40)), "validation": encoded}
+    cfg = DistillConfig(type="distill", student={"num_layers": 1}, hidden_mse_weight=1.0, batch_size=8)
+    train_dl, _ = make_dataloaders(split, tokenizer, cfg)
+    teacher = load_teacher(tiny_model, cfg)
+    cache, info = teacher_cache(cfg, teacher, train_dl, [0, 1], "cpu")
+    assert isinstance(cache, TeacherCache) and info["cached"] and info["texts"] == 40
+    for batch in train_dl:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "row")}
+        with torch.no_grad():
+            live = teacher(**inputs, output_hidden_states=True)
+        kept = cache.outputs(batch["row"], inputs["attention_mask"])
+        torch.testing.assert_close(kept.logits, live.logits, atol=1e-5, rtol=0)
+        mask = inputs["attention_mask"].bool()
+        for layer in (1, 2):
+            torch.testing.assert_close(
+                kept.hidden_states[layer][mask], live.hidden_states[layer][mask], atol=4e-3, rtol=1e-3
+            )
+            assert not kept.hidden_states[layer][~mask].any()
+
+    augmented = cfg.model_copy(update={"augment": {"copies": 1}})
+    assert teacher_cache(augmented, teacher, train_dl, [0, 1], "cpu") == (
+        None,
+        {"cached": False, "why": "noisy copies are new at every step"},
+    )

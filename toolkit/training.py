@@ -83,11 +83,12 @@ def make_dataloaders(
     tokenized, tokenizer, opts: LoopOptions, eval_split: str = "validation"
 ) -> tuple[DataLoader, DataLoader]:
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    columns = [
-        c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in tokenized["train"].column_names
-    ]
-    train = tokenized["train"].with_format("torch", columns=columns)
-    evaluation = tokenized[eval_split].with_format("torch", columns=columns)
+
+    def torch_columns(split):  # "row": a training text's index, for outputs computed once per text
+        wanted = ("input_ids", "attention_mask", "token_type_ids", "labels", "row")
+        return tokenized[split].with_format("torch", columns=[c for c in wanted if c in tokenized[split].column_names])
+
+    train, evaluation = torch_columns("train"), torch_columns(eval_split)
     generator = torch.Generator().manual_seed(opts.seed)
     if opts.group_by_length:
         from transformers.trainer_pt_utils import LengthGroupedSampler

@@ -13,7 +13,14 @@ from toolkit.stages.base import Artifact, StageContext, StageResult
 def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
     from datasets import DatasetDict
 
-    from toolkit.distillation import Distiller, NoiseSource, build_student, load_teacher, transfer_set
+    from toolkit.distillation import (
+        Distiller,
+        NoiseSource,
+        build_student,
+        load_teacher,
+        teacher_cache,
+        transfer_set,
+    )
     from toolkit.training import fit, make_dataloaders, save_pretrained, start
 
     teacher_path = teacher_artifact(cfg, ctx).path
@@ -23,13 +30,17 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
     student, layer_map = build_student(cfg, ctx.source.path, teacher, tokenizer)
     texts, unlabelled = unlabelled_texts(cfg, ctx)
     train = transfer_set(setup.tokenized, tokenizer, texts, ctx.max_length)
-    tokenized = DatasetDict({**setup.tokenized, "train": train})
+    fixed = cfg.augment is None  # the same texts every epoch: the teacher's outputs can be kept
+    tokenized = DatasetDict(
+        {**setup.tokenized, "train": train.add_column("row", range(len(train))) if fixed else train}
+    )
     train_dl, eval_dl = make_dataloaders(tokenized, tokenizer, cfg)
+    cache, cached = teacher_cache(cfg, teacher, train_dl, layer_map, accelerator.device)
     steps = -(-len(train_dl) // accelerator.num_processes) * cfg.epochs
     copies = cfg.augment.resolved_copies(len(train)) if cfg.augment else 0
     augment = cfg.augment.model_copy(update={"copies": copies}) if cfg.augment else None
     noise = NoiseSource(augment, tokenizer, cfg.seed + accelerator.process_index) if augment else None
-    wrapper = Distiller(cfg, student, teacher, layer_map, steps, noise)
+    wrapper = Distiller(cfg, student, teacher, layer_map, steps, noise, cache)
     info = fit(
         accelerator,
         wrapper,
@@ -52,6 +63,7 @@ def run(cfg: DistillConfig, ctx: StageContext) -> StageResult:
             # noisy copies.
             "texts_seen": len(train) * info["epochs_run"] * (1 + copies),
             "augment_copies": copies,
+            "teacher_cache": cached,
             "transfer_set": {"labelled": len(setup.tokenized["train"]), "unlabelled": len(texts)},
             **({"unlabelled": unlabelled} if cfg.unlabelled else {}),
             "student_parameters": sum(p.numel() for p in student.parameters()),
