@@ -163,6 +163,25 @@ def test_base_chinese_recipe_validates_offline(tmp_path):
     assert set(data.labels("train")) == {0, 1} and "电影" in data.texts("train")[0]
 
 
+def test_base_mpnet_recipe_validates_or_says_which_script_fetches_its_teacher():
+    """recipes/base-mpnet.yaml reads its 12-layer teacher from models/ (scripts/fetch_mpnet_base.sh puts it there):
+    with the folder it validates as a 12 -> 3 distillation with unlabelled texts; without it the error names the
+    key and the folder, and the recipe's first line names the script."""
+    root = Path(__file__).resolve().parents[1]
+    path = root / "recipes" / "base-mpnet.yaml"
+    assert "bash scripts/fetch_mpnet_base.sh" in path.read_text().splitlines()[0]
+    teacher = root / "models" / "all-mpnet-base-v2"
+    if not (teacher / "config.json").is_file():
+        with pytest.raises(RecipeError, match=r"model\.name.*models/all-mpnet-base-v2"):
+            load_recipe(path)
+        return
+    recipe = load_recipe(path)
+    distill = next(s for s in recipe.stages if s.type == "distill")
+    assert recipe.model.name == str(teacher) and distill.student.layers == [0, 1, 2]
+    assert distill.unlabelled is not None and distill.unlabelled.format == "csv"
+    assert distill.check_shape({"model_type": "mpnet", "num_hidden_layers": 12})["num_hidden_layers"] == 3
+
+
 def unlabelled_file(path: Path, recipe: dict) -> tuple[Path, list[str]]:
     """A JSONL corpus: new toy texts, plus a copy of every text the recipe's data file holds (train, validation
     and test texts alike), a duplicate and a blank one."""
