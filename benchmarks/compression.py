@@ -44,6 +44,10 @@ def int8_student(run: Path, student: Path, work: Path, fuse: bool, data: Prepare
     return folder, f"the {steps} stages with default options, here"
 
 
+def depth(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+
+
 def measure(name: str, predictor: InferenceModel, data: PreparedData, speed: SpeedConfig) -> tuple[dict, np.ndarray]:
     texts = data.texts("test")
     logits = predictor.logits_batched(texts, 64)
@@ -78,10 +82,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         int8, origin = int8_student(args.run, student, Path(tmp), not args.no_fuse, data)
         print(f"INT8 student: {origin}")
+        teacher_layers, student_layers = (depth(args.run / args.teacher), depth(student))
         for name, path, fmt in (
-            ("teacher 6L PyTorch FP32", args.run / args.teacher, "pytorch"),
-            ("student 3L pruned PyTorch FP32", student, "pytorch"),
-            ("student 3L pruned ONNX INT8", int8, "onnx"),
+            (f"teacher {teacher_layers}L PyTorch FP32", args.run / args.teacher, "pytorch"),
+            (f"student {student_layers}L PyTorch FP32", student, "pytorch"),
+            (f"student {student_layers}L ONNX INT8", int8, "onnx"),
         ):
             predictor = load_model(path, fmt, args.max_length, args.threads, "cpu")
             row, logits = measure(name, predictor, data, speed)
