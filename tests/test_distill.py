@@ -149,6 +149,17 @@ def test_two_process_distillation_under_accelerate_launch(toy_recipe, write_reci
     assert distill["info"]["texts_seen"] == manifest["data"]["counts"]["train"] * distill["info"]["epochs_run"] * 2
 
 
+def test_two_process_distillation_with_the_teacher_outputs_computed_once(toy_recipe, write_recipe, tmp_path):
+    """No noisy copies: each process keeps the teacher's outputs for every training text and looks its own rows
+    up by index, whichever shard of the shuffled batches it reads."""
+    toy_recipe["stages"].append(distill_stage(student={"num_layers": 1}, hidden_mse_weight=1.0, epochs=4))
+    launch_two_processes(write_recipe(toy_recipe), tmp_path)
+    distill = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["distill"]
+    assert distill["status"] == "done", distill.get("error")
+    assert distill["info"]["num_processes"] == 2 and distill["info"]["teacher_cache"]["cached"]
+    assert distill["evaluation"]["accuracy"] >= 0.8, distill["evaluation"]
+
+
 def test_base_chinese_recipe_validates_offline(tmp_path):
     """The users' base-size recipe names a Hub teacher (not fetched while validating) and reads their TSV format
     from the shipped samples."""
