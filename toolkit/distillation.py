@@ -143,12 +143,12 @@ class TeacherCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, teacher, dataloader, layers: list[int], hidden: bool, device) -> TeacherCache:
+    def build(cls, teacher, dataloader, lengths: list[int], layers: list[int], hidden: bool, device) -> TeacherCache:
+        """`lengths`: each row's token count, in dataset order."""
         from tqdm.auto import tqdm
 
         dataset, collate = dataloader.dataset, dataloader.collate_fn
         teacher.to(device)
-        lengths = [int(sum(mask)) for mask in dataset.with_format(None)["attention_mask"]]
         offsets = [0, *itertools.accumulate(lengths)]
         logits = torch.empty(len(lengths), teacher.config.num_labels)
         width = teacher.config.hidden_size
@@ -191,11 +191,11 @@ def teacher_cache(cfg: DistillConfig, teacher, dataloader, layer_map: list[int],
     if cfg.attention_mse_weight:
         return None, {"cached": False, "why": "attention maps are too large to keep"}
     hidden = bool(cfg.hidden_mse_weight)
-    tokens = sum(map(sum, dataloader.dataset.with_format(None)["attention_mask"]))
-    size = tokens * len(layer_map) * teacher.config.hidden_size * 2 if hidden else 0
+    lengths = [int(sum(mask)) for mask in dataloader.dataset.with_format(None)["attention_mask"]]
+    size = sum(lengths) * len(layer_map) * teacher.config.hidden_size * 2 if hidden else 0
     if size > CACHE_BUDGET_BYTES:
         return None, {"cached": False, "why": f"hidden states would take {size / 2**30:.1f} GiB"}
-    cache = TeacherCache.build(teacher, dataloader, layer_map, hidden, device)
+    cache = TeacherCache.build(teacher, dataloader, lengths, layer_map, hidden, device)
     return cache, {"cached": True, "texts": len(cache.logits), "megabytes": round(size / 2**20, 1)}
 
 
